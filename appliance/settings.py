@@ -1,0 +1,164 @@
+"""One settings object for every process (API, workers, CLI).
+
+Values come from `APPLIANCE_*` environment variables, then from `$APPLIANCE_HOME/appliance.env`
+(written by `appliance up` on first run, mode 0600, holding generated passwords and ports), then
+from the defaults below. Nothing here is secret by default: secrets are generated per install.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("APPLIANCE_HOME") or Path.cwd() / "var").resolve()
+
+
+def env_file_path(home: Path | None = None) -> Path:
+    return (home or default_home()) / "appliance.env"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="APPLIANCE_",
+        extra="ignore",
+        env_file_encoding="utf-8",
+    )
+
+    environment: Literal["production", "development", "test"] = "production"
+    home: Path = Field(default_factory=default_home)
+
+    # Network: everything binds to loopback in the embedded mode; TLS is the proxy's job.
+    host: str = "127.0.0.1"
+    api_port: int = 8470
+    api_workers: int = 2
+    worker_processes: int = 1
+    worker_threads: int = 2
+    service_user: str = "appliance"
+
+    # Postgres. In embedded mode the cluster lives in $home/postgres and these are generated.
+    pg_host: str = "127.0.0.1"
+    pg_port: int = 54329
+    pg_database: str = "appliance"
+    pg_superuser: str = "postgres"
+    pg_superuser_password: SecretStr | None = None
+    pg_owner_user: str = "appliance_owner"
+    pg_owner_password: SecretStr | None = None
+    pg_app_user: str = "appliance_app"
+    pg_app_password: SecretStr | None = None
+    pg_embedded: bool = True
+    db_pool_size: int = 5
+
+    # Redis.
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 63790
+    redis_password: SecretStr | None = None
+    redis_db: int = 0
+    redis_embedded: bool = True
+
+    # Object storage: the filesystem store under $home/objects unless an S3 endpoint is set.
+    s3_endpoint: str | None = None
+
+    # Models.
+    models_dir: Path = PROJECT_ROOT / "models"
+
+    # Keys.
+    master_key_file: Path | None = None
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if self.environment == "production" and self.host not in ("127.0.0.1", "::1", "localhost"):
+            # Binding beyond loopback is allowed, but only behind the TLS proxy of the compose setup.
+            if os.environ.get("APPLIANCE_ALLOW_PUBLIC_BIND") != "1":
+                raise ValueError(
+                    f"refusing to bind the API to {self.host}: set APPLIANCE_ALLOW_PUBLIC_BIND=1 "
+                    "when a TLS reverse proxy fronts it"
+                )
+        return self
+
+    # Derived paths -----------------------------------------------------------------------------
+    @property
+    def pg_data_dir(self) -> Path:
+        return self.home / "postgres" / "data"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.home / "redis"
+
+    @property
+    def objects_dir(self) -> Path:
+        return self.home / "objects"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / "keys"
+
+    @property
+    def master_key_path(self) -> Path:
+        return self.master_key_file or self.keys_dir / "master.key"
+
+    @property
+    def api_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.api_port}"
+
+    # Connection URLs ---------------------------------------------------------------------------
+    def _pg_url(self, driver: str, user: str, password: SecretStr | None) -> str:
+        from sqlalchemy.engine import URL
+
+        return URL.create(
+            f"postgresql+{driver}",
+            username=user,
+            password=password.get_secret_value() if password else None,
+            host=self.pg_host,
+            port=self.pg_port,
+            database=self.pg_database,
+        ).render_as_string(hide_password=False)
+
+    @property
+    def app_database_url(self) -> str:
+        """The non-owner role the API and workers use: subject to row-level security."""
+        return self._pg_url("psycopg", self.pg_app_user, self.pg_app_password)
+
+    @property
+    def owner_database_url(self) -> str:
+        """The owner role: migrations, audit verification and admin tasks only."""
+        return self._pg_url("psycopg", self.pg_owner_user, self.pg_owner_password)
+
+    @property
+    def redis_url(self) -> str:
+        auth = f":{self.redis_password.get_secret_value()}@" if self.redis_password else ""
+        return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+
+def load_settings(home: Path | None = None, **overrides: object) -> Settings:
+    """Build settings, reading `$home/appliance.env` when it exists."""
+    env_file = env_file_path(home)
+    kwargs: dict[str, object] = dict(overrides)
+    if home is not None:
+        kwargs.setdefault("home", home)
+    return Settings(_env_file=env_file if env_file.exists() else None, **kwargs)  # type: ignore[call-arg]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return load_settings()
