@@ -78,13 +78,17 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
-        if self.environment == "production" and self.host not in ("127.0.0.1", "::1", "localhost"):
-            # Binding beyond loopback is allowed, but only behind the TLS proxy of the compose setup.
-            if os.environ.get("APPLIANCE_ALLOW_PUBLIC_BIND") != "1":
-                raise ValueError(
-                    f"refusing to bind the API to {self.host}: set APPLIANCE_ALLOW_PUBLIC_BIND=1 "
-                    "when a TLS reverse proxy fronts it"
-                )
+        loopback = self.host in ("127.0.0.1", "::1", "localhost")
+        # Binding beyond loopback is allowed, but only behind the TLS proxy of the compose setup.
+        if (
+            self.environment == "production"
+            and not loopback
+            and os.environ.get("APPLIANCE_ALLOW_PUBLIC_BIND") != "1"
+        ):
+            raise ValueError(
+                f"refusing to bind the API to {self.host}: set APPLIANCE_ALLOW_PUBLIC_BIND=1 "
+                "when a TLS reverse proxy fronts it"
+            )
         return self
 
     # Derived paths -----------------------------------------------------------------------------
@@ -154,6 +158,10 @@ def load_settings(home: Path | None = None, **overrides: object) -> Settings:
     """Build settings, reading `$home/appliance.env` when it exists."""
     env_file = env_file_path(home)
     kwargs: dict[str, object] = dict(overrides)
+    secrets_dir = os.environ.get("APPLIANCE_SECRETS_DIR")
+    if secrets_dir and Path(secrets_dir).is_dir():
+        # Docker/Kubernetes secrets: one file per setting, named like its variable.
+        kwargs["_secrets_dir"] = secrets_dir
     if home is not None:
         kwargs.setdefault("home", home)
     return Settings(_env_file=env_file if env_file.exists() else None, **kwargs)  # type: ignore[call-arg]

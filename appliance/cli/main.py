@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import typer
 
+from appliance.cli import audit as audit_cli
+from appliance.cli import keys as keys_cli
 from appliance.cli import models as models_cli
+from appliance.cli import server as server_cli
+from appliance.cli import tenants as tenants_cli
 
 app = typer.Typer(
     name="appliance",
@@ -13,6 +17,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(models_cli.app, name="models", help="List, verify and build the GGUF models in models/.")
+app.add_typer(tenants_cli.app, name="tenants", help="Create and list tenants.")
+app.add_typer(keys_cli.app, name="keys", help="Create, list and revoke API keys.")
+app.add_typer(audit_cli.app, name="audit", help="Verify the tamper-evident audit trail.")
+
+app.command("up")(server_cli.up)
+app.command("down")(server_cli.down)
+app.command("status")(server_cli.status)
 
 
 def main() -> None:

@@ -1,0 +1,204 @@
+"""The API: app factory, middleware (request id, access log, metrics), errors as problem+json."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from appliance import __version__, metrics
+from appliance.auth.routes import router as auth_router
+from appliance.auth.service import AuthFailure
+from appliance.context import actor_var, client_addr_var, request_id_var
+from appliance.db.engine import Database
+from appliance.errors import PROBLEM_MEDIA_TYPE, AppError, problem_body
+from appliance.health.routes import router as health_router
+from appliance.logs import configure_logging, get_logger
+from appliance.settings import Settings, get_settings
+from appliance.tenants.routes import router as tenants_router
+
+log = get_logger("appliance.api")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestContextMiddleware:
+    """Pure ASGI (streams pass through untouched): request id in and out, access log, metrics."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        client = scope.get("client")
+        tokens = (
+            request_id_var.set(request_id),
+            client_addr_var.set(client[0] if client else None),
+            actor_var.set(None),
+        )
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status_code = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            route_path = getattr(route, "path", "unmatched")
+            metrics.HTTP_REQUESTS.labels(scope["method"], route_path, str(status_code)).inc()
+            metrics.HTTP_LATENCY.labels(scope["method"], route_path).observe(elapsed)
+            if route_path not in ("/healthz", "/metrics"):
+                log.info(
+                    "request",
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=status_code,
+                    duration_ms=round(elapsed * 1000, 1),
+                    request_id=request_id,
+                )
+            request_id_var.reset(tokens[0])
+            client_addr_var.reset(tokens[1])
+            actor_var.reset(tokens[2])
+
+
+def _problem(
+    request: Request,
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> JSONResponse:
+    body = problem_body(
+        status=status,
+        code=code,
+        title=title,
+        detail=detail,
+        instance=request.url.path,
+        request_id=request_id_var.get(),
+        extra=extra,
+    )
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AppError)
+    async def app_error(request: Request, exc: AppError) -> JSONResponse:
+        if isinstance(exc, AuthFailure):
+            metrics.AUTH_FAILURES.labels(exc.reason).inc()
+        return _problem(request, exc.status, exc.code, exc.title, exc.detail, exc.headers, exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()
+        ]
+        return _problem(
+            request,
+            422,
+            "validation_error",
+            "Invalid request",
+            "The request did not match the schema.",
+            extra={"errors": errors},
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        return _problem(
+            request, exc.status_code, code, str(exc.detail), str(exc.detail), headers=dict(exc.headers or {})
+        )
+
+    @app.exception_handler(Exception)
+    async def unhandled(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", path=request.url.path)
+        return _problem(
+            request,
+            500,
+            "internal_error",
+            "Internal error",
+            "An unexpected error occurred; quote the request id to the administrator.",
+        )
+
+
+def _openapi_problem_schema(app: FastAPI) -> None:
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = original()
+        schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = {
+            "type": "object",
+            "required": ["type", "title", "status", "detail", "code"],
+            "properties": {
+                "type": {"type": "string"},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "detail": {"type": "string"},
+                "code": {"type": "string"},
+                "instance": {"type": "string"},
+                "request_id": {"type": "string"},
+            },
+        }
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, json=settings.log_json)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.db = Database(settings.app_database_url, pool_size=settings.db_pool_size)
+        app.state.redis = aioredis.from_url(settings.redis_url, socket_timeout=5, health_check_interval=30)
+        try:
+            yield
+        finally:
+            await app.state.redis.aclose()
+            await app.state.db.dispose()
+
+    app = FastAPI(
+        title="Document-AI appliance",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(health_router)
+    api_prefix = "/api/v1"
+    app.include_router(auth_router, prefix=api_prefix)
+    app.include_router(tenants_router, prefix=api_prefix)
+    _openapi_problem_schema(app)
+    app.add_middleware(RequestContextMiddleware)
+    return app

@@ -1,0 +1,76 @@
+"""FastAPI dependencies: the request's transaction and the authenticated principal."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from appliance.auth.principal import Principal
+from appliance.auth.service import AuthFailure, authenticate, record_auth_failure
+from appliance.context import Actor, actor_var
+from appliance.db.engine import Database
+from appliance.errors import Forbidden
+
+
+def get_db(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
+
+
+async def _session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One transaction per request, committed before the response is sent (scope="function")."""
+    async with get_db(request).transaction() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
+
+
+async def _principal(request: Request, session: SessionDep) -> Principal:
+    try:
+        principal = await authenticate(session, request.headers.get("authorization"))
+    except AuthFailure as failure:
+        await record_auth_failure(get_db(request), failure)
+        raise
+    actor_var.set(Actor("api_key", str(principal.key_id), principal.key_prefix))
+    request.state.principal = principal
+    return principal
+
+
+def require(
+    minimum_role: str | None = None, *, system_admin: bool = False, allow_system_admin: bool = False
+) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    """A dependency that authenticates and checks the role.
+
+    `system_admin=True`: only system-admin keys. Otherwise a tenant role of at least `minimum_role`,
+    and system admins too when `allow_system_admin` (for routes that take an explicit tenant).
+    """
+
+    async def dep(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+        if system_admin:
+            if not principal.is_system_admin:
+                raise Forbidden("This operation needs a system-admin key.", code="system_admin_required")
+            return principal
+        if principal.is_system_admin:
+            if allow_system_admin:
+                return principal
+            raise Forbidden(
+                "System-admin keys hold no tenant role; use a tenant key.", code="tenant_key_required"
+            )
+        if minimum_role and not principal.has_role(minimum_role):
+            raise Forbidden(
+                f"This operation needs the {minimum_role!r} role or higher.", code="role_required"
+            )
+        return principal
+
+    return dep
+
+
+AnyPrincipal = Annotated[Principal, Depends(require(None, allow_system_admin=True))]
+SystemAdmin = Annotated[Principal, Depends(require(system_admin=True))]
+TenantAdmin = Annotated[Principal, Depends(require("admin"))]
+TenantAdminOrSystem = Annotated[Principal, Depends(require("admin", allow_system_admin=True))]
+Viewer = Annotated[Principal, Depends(require("viewer"))]

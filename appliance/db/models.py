@@ -1,0 +1,7 @@
+"""Import every model so Base.metadata is complete (Alembic autogenerate, tests)."""
+
+from appliance.audit.models import AuditChainHead, AuditEvent
+from appliance.auth.models import ApiKey
+from appliance.tenants.models import Tenant
+
+__all__ = ["ApiKey", "AuditChainHead", "AuditEvent", "Tenant"]

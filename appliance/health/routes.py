@@ -1,0 +1,85 @@
+"""Liveness and readiness. `/readyz` checks every dependency a request may need."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from appliance import metrics
+from appliance.settings import Settings
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers.")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def _check_postgres(request: Request) -> dict[str, Any]:
+    async with request.app.state.db.engine.connect() as conn:
+        version = (
+            await conn.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'vector'"))
+        ).scalar()
+    if not version:
+        return {"ok": False, "detail": "pgvector extension missing"}
+    return {"ok": True, "detail": f"pgvector {version}"}
+
+
+async def _check_redis(request: Request) -> dict[str, Any]:
+    await request.app.state.redis.ping()
+    return {"ok": True}
+
+
+def _check_objects(settings: Settings) -> dict[str, Any]:
+    path = settings.objects_dir
+    if not path.is_dir():
+        return {"ok": False, "detail": f"{path} does not exist"}
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".ready-", delete=True):
+        pass
+    return {"ok": True, "detail": "filesystem"}
+
+
+def _check_models(settings: Settings) -> dict[str, Any]:
+    from appliance.inference.manifest import load_manifest, verify_model
+
+    problems = []
+    for spec in load_manifest(settings.models_dir):
+        check = verify_model(spec, settings.models_dir, full=False)
+        if not check.ok:
+            problems.append(f"{spec.name}: {check.reason}")
+    return {"ok": not problems, "detail": "; ".join(problems) or "all present"}
+
+
+@router.get("/readyz", summary="Readiness: Postgres, Redis, object store and model files.")
+async def readyz(request: Request) -> JSONResponse:
+    settings: Settings = request.app.state.settings
+    checks: dict[str, dict[str, Any]] = {}
+
+    async def run(name: str, coro: Any) -> None:
+        try:
+            checks[name] = await asyncio.wait_for(coro, timeout=3)
+        except Exception as exc:  # readiness reports every failure, it never raises
+            checks[name] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"[:300]}
+
+    await asyncio.gather(
+        run("postgres", _check_postgres(request)),
+        run("redis", _check_redis(request)),
+        run("object_store", asyncio.to_thread(_check_objects, settings)),
+        run("models", asyncio.to_thread(_check_models, settings)),
+    )
+    ready = all(c["ok"] for c in checks.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics.", include_in_schema=False)
+async def prometheus_metrics() -> Response:
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type, headers={"Cache-Control": "no-store"})

@@ -1,0 +1,180 @@
+"""The data directory (`settings.home`): layout, first-run secrets and the master key.
+
+Everything under it belongs to the service user; its subdirectories are 0700, secrets 0600. Values
+that exist are never regenerated: a second `appliance up` reuses the directory as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from appliance.runtime.common import RuntimeFailure, log, make_private_dir, write_private
+from appliance.runtime.identity import IdentityError, ServiceIdentity, describe_blocker, resolve_identity
+from appliance.settings import Settings, env_file_path
+
+# Settings field -> env file key, generated on first run.
+SECRET_FIELDS = {
+    "pg_superuser_password": "APPLIANCE_PG_SUPERUSER_PASSWORD",
+    "pg_owner_password": "APPLIANCE_PG_OWNER_PASSWORD",
+    "pg_app_password": "APPLIANCE_PG_APP_PASSWORD",
+    "redis_password": "APPLIANCE_REDIS_PASSWORD",
+}
+# Ports given (by env or explicitly) at first run are written too, so later runs reuse them.
+PORT_FIELDS = {
+    "api_port": "APPLIANCE_API_PORT",
+    "pg_port": "APPLIANCE_PG_PORT",
+    "redis_port": "APPLIANCE_REDIS_PORT",
+}
+MASTER_KEY_BYTES = 32
+# What marks a directory as an appliance home we may take over.
+_HOME_MARKERS = ("appliance.env", "postgres", "run", "keys")
+
+
+def identity_for(settings: Settings) -> ServiceIdentity:
+    try:
+        return resolve_identity(settings.service_user)
+    except IdentityError as exc:
+        raise RuntimeFailure(str(exc)) from None
+
+
+def home_subdirs(settings: Settings) -> list[Path]:
+    return [
+        settings.run_dir,
+        settings.log_dir,
+        settings.redis_dir,
+        settings.keys_dir,
+        settings.objects_dir,
+        settings.pg_data_dir.parent,
+        settings.home / "runtime",
+    ]
+
+
+def check_reachable(ident: ServiceIdentity, path: Path, what: str) -> None:
+    blocked = ident.blocking_dir(path)
+    if blocked is not None:
+        raise RuntimeFailure(
+            f"the service user {ident.user!r} cannot reach {what} {path}: {describe_blocker(*blocked)} "
+            "blocks it; set APPLIANCE_HOME to a directory it can reach, e.g. /var/lib/appliance"
+        )
+
+
+def prepare_home(settings: Settings, ident: ServiceIdentity) -> None:
+    """Create the data directory and its subdirectories, owned by the service user, mode 0700."""
+    home = Path(os.path.abspath(settings.home))
+    if home == Path("/"):
+        raise RuntimeFailure("refusing to use / as the data directory; set APPLIANCE_HOME")
+    check_reachable(ident, home, "the data directory")
+    if home.exists():
+        if not home.is_dir():
+            raise RuntimeFailure(f"the data directory {home} exists and is not a directory")
+        owner = home.stat().st_uid
+        if owner != ident.uid:
+            entries = {p.name for p in home.iterdir()}
+            if entries and not entries.intersection(_HOME_MARKERS):
+                raise RuntimeFailure(
+                    f"refusing to take over {home}: it is not empty and not an appliance data directory; "
+                    "set APPLIANCE_HOME to a new or empty directory"
+                )
+            if not ident.drop:
+                raise RuntimeFailure(
+                    f"the data directory {home} is owned by uid {owner}, not by {ident.user}"
+                )
+    make_private_dir(home, ident)
+    for sub in home_subdirs(settings):
+        make_private_dir(sub, ident)
+    # Files created earlier by root (e.g. a hand-written appliance.env) must be readable by the servers.
+    env_file = env_file_path(home)
+    if env_file.exists():
+        ident.chown(env_file)
+        env_file.chmod(0o600)
+
+
+def _read_env_keys(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return values
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.strip().removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def ensure_secrets(settings: Settings, ident: ServiceIdentity) -> Settings:
+    """Write missing secrets (and first-run ports) to `appliance.env`; return settings that hold them.
+
+    Never regenerates a value the file already has. A secret given in the environment at first run
+    is written as given rather than generated.
+    """
+    path = env_file_path(settings.home)
+    existed = path.exists()
+    current = _read_env_keys(path)
+    additions: dict[str, str] = {}
+    update: dict[str, object] = {}
+    for field, key in SECRET_FIELDS.items():
+        have: SecretStr | None = getattr(settings, field)
+        if key in current:
+            if have is None:  # settings built without reading the file
+                update[field] = SecretStr(current[key])
+            continue
+        value = have.get_secret_value() if have is not None else secrets.token_urlsafe(32)
+        additions[key] = value
+        update[field] = SecretStr(value)
+    if not existed:
+        for field, key in PORT_FIELDS.items():
+            if field in settings.model_fields_set and key not in current:
+                additions[key] = str(getattr(settings, field))
+    if additions:
+        header = "" if existed else "# Written by `appliance up` on first run. Keep it secret (mode 0600).\n"
+        old = path.read_text() if existed else ""
+        if old and not old.endswith("\n"):
+            old += "\n"
+        body = "".join(f"{k}={v}\n" for k, v in additions.items())
+        write_private(path, header + old + body, ident)
+        log.info("wrote %s to %s", ", ".join(sorted(additions)), path)
+    else:
+        ident.chown(path)
+    return settings.model_copy(update=update) if update else settings
+
+
+def ensure_master_key(settings: Settings, ident: ServiceIdentity) -> Path:
+    """Create the 32-byte master key (0600) when missing; an existing one is never touched."""
+    path = settings.master_key_path
+    if path.exists():
+        size = path.stat().st_size
+        if size != MASTER_KEY_BYTES:
+            raise RuntimeFailure(f"the master key {path} has {size} bytes, expected {MASTER_KEY_BYTES}")
+        return path
+    if not path.parent.exists():
+        make_private_dir(path.parent, ident)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, secrets.token_bytes(MASTER_KEY_BYTES))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    ident.chown(path)
+    log.info("created the master key %s", path)
+    return path
+
+
+def prepare(settings: Settings) -> tuple[Settings, ServiceIdentity]:
+    """Identity, data directory, secrets and master key: everything before any server starts."""
+    ident = identity_for(settings)
+    settings = settings.model_copy(update={"home": Path(os.path.abspath(settings.home))})
+    prepare_home(settings, ident)
+    settings = ensure_secrets(settings, ident)
+    ensure_master_key(settings, ident)
+    return settings, ident

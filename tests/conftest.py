@@ -1,0 +1,81 @@
+"""Test session: one real Postgres (with pgvector) and one real Redis, started once through the same
+code as `appliance up`, in a throw-away data directory; migrations run as the owner role.
+
+Each test creates its own tenants (unique names), so tests never see each other's rows and
+nothing needs truncating between them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.api import create_app
+from appliance.bootstrap import ensure_bootstrap
+from appliance.db.engine import Database
+from appliance.db.migrations import upgrade_head
+from appliance.runtime import start_datastores
+from appliance.settings import Settings, load_settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def test_home() -> Iterator[Path]:
+    # /var/tmp, not pytest's tmp_path: the service user must be able to traverse to it.
+    home = Path(tempfile.mkdtemp(prefix="appliance-test-", dir="/var/tmp"))
+    os.chmod(home, 0o755)
+    yield home
+    if not os.environ.get("APPLIANCE_KEEP_TEST_HOME"):
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def settings(test_home: Path) -> Iterator[Settings]:
+    os.environ["APPLIANCE_HOME"] = str(test_home)
+    os.environ["APPLIANCE_ENVIRONMENT"] = "test"
+    os.environ["APPLIANCE_PG_PORT"] = str(free_port())
+    os.environ["APPLIANCE_REDIS_PORT"] = str(free_port())
+    os.environ["APPLIANCE_LOG_JSON"] = "false"
+    os.environ["APPLIANCE_LOG_LEVEL"] = "WARNING"
+    datastores = start_datastores(load_settings(home=test_home))
+    try:
+        settings = load_settings(home=test_home)  # now with the generated secrets
+        upgrade_head(settings)
+        yield settings
+    finally:
+        datastores.stop()
+
+
+@pytest.fixture(scope="session")
+def system_key(settings: Settings) -> str:
+    key = ensure_bootstrap(settings)
+    assert key is not None, "a fresh test database must get a bootstrap key"
+    return key
+
+
+@pytest.fixture(scope="session")
+async def app_db(settings: Settings) -> AsyncIterator[Database]:
+    db = Database(settings.app_database_url, pool_size=2)
+    yield db
+    await db.dispose()
+
+
+@pytest.fixture(scope="session")
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://appliance.test") as c:
+            yield c

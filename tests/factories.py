@@ -1,0 +1,44 @@
+"""Factories: real rows through the real services (no fakes), each in its own transaction."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from appliance.auth import service as auth
+from appliance.db.engine import Database
+from appliance.tenants import service as tenants
+
+
+@dataclass(frozen=True)
+class TenantWithKey:
+    id: uuid.UUID
+    name: str
+    key: str
+    key_id: uuid.UUID
+
+
+def unique_name(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def make_tenant(db: Database, *, role: str = "admin", name: str | None = None) -> TenantWithKey:
+    async with db.transaction() as session:
+        tenant = await tenants.create_tenant(session, name=name or unique_name())
+        row, plaintext = await auth.create_key(session, tenant_id=tenant.id, name="test", role=role)
+    return TenantWithKey(id=tenant.id, name=tenant.name, key=plaintext, key_id=row.id)
+
+
+async def make_key(
+    db: Database, tenant_id: uuid.UUID, *, role: str = "viewer", expires_at: datetime | None = None
+) -> tuple[uuid.UUID, str]:
+    async with db.transaction() as session:
+        row, plaintext = await auth.create_key(
+            session, tenant_id=tenant_id, name="test", role=role, expires_at=expires_at
+        )
+    return row.id, plaintext
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
