@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -65,7 +65,12 @@ class Settings(BaseSettings):
     redis_embedded: bool = True
 
     # Object storage: the filesystem store under $home/objects unless an S3 endpoint is set.
-    s3_endpoint: str | None = None
+    s3_endpoint: str | None = None  # host:port (or a URL); when set, objects go to S3 instead
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_bucket: str = "appliance"
+    s3_region: str = "us-east-1"
+    s3_secure: bool = False
 
     # Models.
     models_dir: Path = PROJECT_ROOT / "models"
@@ -154,17 +159,17 @@ class Settings(BaseSettings):
         return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
 
 
-def load_settings(home: Path | None = None, **overrides: object) -> Settings:
+def load_settings(home: Path | None = None, **overrides: Any) -> Settings:
     """Build settings, reading `$home/appliance.env` when it exists."""
     env_file = env_file_path(home)
-    kwargs: dict[str, object] = dict(overrides)
+    kwargs: dict[str, Any] = dict(overrides)
     secrets_dir = os.environ.get("APPLIANCE_SECRETS_DIR")
     if secrets_dir and Path(secrets_dir).is_dir():
         # Docker/Kubernetes secrets: one file per setting, named like its variable.
         kwargs["_secrets_dir"] = secrets_dir
     if home is not None:
         kwargs.setdefault("home", home)
-    return Settings(_env_file=env_file if env_file.exists() else None, **kwargs)  # type: ignore[call-arg]
+    return Settings(_env_file=env_file if env_file.exists() else None, **kwargs)
 
 
 @lru_cache

@@ -7,13 +7,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.table import Table
 
 from appliance.cli._common import console, err_console, fail, print_json
-from appliance.runtime.common import RuntimeFailure, file_size, log_tail, open_log, write_private
+from appliance.runtime.common import RuntimeFailure, file_size, log_tail, open_log, read_json, write_private
 from appliance.runtime.home import prepare
 from appliance.runtime.supervisor import (
     COMPONENTS,
@@ -23,6 +25,7 @@ from appliance.runtime.supervisor import (
     bootstrap_key_file,
     component_status,
     running_supervisor,
+    state_file,
     stop_running,
 )
 from appliance.settings import PROJECT_ROOT, Settings, load_settings
@@ -91,6 +94,9 @@ def up(
     except RuntimeFailure as exc:
         if keys:  # created, but the start failed later: never lose it
             _show_key(keys.pop())
+        if sup.signalled is not None:
+            err_console.print("start interrupted; everything started so far is stopped", highlight=False)
+            raise typer.Exit(128 + sup.signalled) from None
         fail(str(exc))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -140,6 +146,26 @@ def _up_detached(settings: Settings, timeout: float) -> None:
         if key:
             _show_key(key)
 
+    try:
+        _wait_ready(settings, child, timeout, log_path, offset, take_key)
+    except KeyboardInterrupt:
+        take_key()
+        err_console.print(
+            f"stopped waiting; the supervisor (pid {child.pid}) keeps starting in the background "
+            "(`appliance status`, `appliance down`)",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
+
+
+def _wait_ready(
+    settings: Settings,
+    child: subprocess.Popen[bytes],
+    timeout: float,
+    log_path: Path,
+    offset: int,
+    take_key: Callable[[], None],
+) -> None:
     started = time.monotonic()
     url = f"{settings.api_url}/readyz"
     while True:
@@ -148,7 +174,11 @@ def _up_detached(settings: Settings, timeout: float) -> None:
             tail = log_tail(log_path, 15, offset)
             err_console.print(tail, highlight=False, markup=False)
             fail(f"the supervisor exited with code {child.returncode} during start; see {log_path}")
-        if _http_status(url, timeout=2.0) == 200:
+        # Only our child's API counts (not one a killed supervisor left on the port): the state file
+        # names the supervisor that started the API.
+        state = read_json(state_file(settings)) or {}
+        ours = state.get("supervisor_pid") == child.pid and "api" in (state.get("components") or {})
+        if ours and _http_status(url, timeout=2.0) == 200:
             break
         if time.monotonic() - started > timeout:
             take_key()

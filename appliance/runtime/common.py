@@ -32,7 +32,8 @@ ENV_COMPONENT = "APPLIANCE_COMPONENT"
 
 
 class RuntimeFailure(Exception):
-    """An expected failure of the embedded runtime; `str()` is one line meant for the operator."""
+    """An expected failure of the embedded runtime: one line for the operator (plus, for a server that
+    exited, the last lines of its log)."""
 
 
 # Ports ---------------------------------------------------------------------------------------------

@@ -53,8 +53,8 @@ def home_subdirs(settings: Settings) -> list[Path]:
     ]
 
 
-def check_reachable(ident: ServiceIdentity, path: Path, what: str) -> None:
-    blocked = ident.blocking_dir(path)
+def check_reachable(ident: ServiceIdentity, path: Path, what: str, *, parents_only: bool = False) -> None:
+    blocked = ident.blocking_dir(path.parent if parents_only else path)
     if blocked is not None:
         raise RuntimeFailure(
             f"the service user {ident.user!r} cannot reach {what} {path}: {describe_blocker(*blocked)} "
@@ -67,7 +67,8 @@ def prepare_home(settings: Settings, ident: ServiceIdentity) -> None:
     home = Path(os.path.abspath(settings.home))
     if home == Path("/"):
         raise RuntimeFailure("refusing to use / as the data directory; set APPLIANCE_HOME")
-    check_reachable(ident, home, "the data directory")
+    # The home itself is made the service user's below; what matters is the way to it.
+    check_reachable(ident, home, "the data directory", parents_only=True)
     if home.exists():
         if not home.is_dir():
             raise RuntimeFailure(f"the data directory {home} exists and is not a directory")
@@ -83,9 +84,15 @@ def prepare_home(settings: Settings, ident: ServiceIdentity) -> None:
                 raise RuntimeFailure(
                     f"the data directory {home} is owned by uid {owner}, not by {ident.user}"
                 )
-    make_private_dir(home, ident)
-    for sub in home_subdirs(settings):
-        make_private_dir(sub, ident)
+    try:
+        make_private_dir(home, ident)
+        for sub in home_subdirs(settings):
+            make_private_dir(sub, ident)
+    except PermissionError as exc:
+        raise RuntimeFailure(
+            f"cannot set up the data directory: {exc.strerror} on {exc.filename}; run as root or "
+            "set APPLIANCE_HOME to a directory you own"
+        ) from None
     # Files created earlier by root (e.g. a hand-written appliance.env) must be readable by the servers.
     env_file = env_file_path(home)
     if env_file.exists():

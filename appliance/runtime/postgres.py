@@ -16,10 +16,13 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import psycopg
+from psycopg import sql
 
 from appliance.runtime.common import (
     RuntimeFailure,
@@ -142,6 +145,11 @@ def initdb(settings: Settings, ident: ServiceIdentity, install: PgInstall, env: 
     if settings.pg_superuser_password is None:
         raise RuntimeFailure("postgres: no superuser password in settings (APPLIANCE_PG_SUPERUSER_PASSWORD)")
     data = settings.pg_data_dir
+    if data.exists() and any(data.iterdir()):
+        raise RuntimeFailure(
+            f"postgres: {data} is not empty but holds no cluster (no PG_VERSION); "
+            "move it away to start afresh"
+        )
     tmp = data.with_name(data.name + ".initdb")
     shutil.rmtree(tmp, ignore_errors=True)
     pwfile = settings.run_dir / f".pg-pwfile-{os.getpid()}"
@@ -267,8 +275,7 @@ def clear_stale(settings: Settings) -> None:
 
 
 # Start / stop --------------------------------------------------------------------------------------
-def _connect(settings: Settings, dbname: str = "postgres", timeout: int = 3):  # type: ignore[no-untyped-def]
-    import psycopg
+def _connect(settings: Settings, dbname: str = "postgres", timeout: int = 3) -> psycopg.Connection:
 
     password = settings.pg_superuser_password.get_secret_value() if settings.pg_superuser_password else None
     return psycopg.connect(
@@ -313,7 +320,7 @@ def start(
     ident: ServiceIdentity,
     install: PgInstall,
     env: dict[str, str],
-    should_stop=None,  # type: ignore[no-untyped-def]
+    should_stop: Callable[[], bool] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start `postgres -D` as a child; return once it accepts connections."""
     clear_stale(settings)
@@ -352,10 +359,8 @@ def stop_postgres(pid: int, proc: subprocess.Popen[bytes] | None = None) -> floa
 
 
 # Bootstrap -----------------------------------------------------------------------------------------
-def _password_literal(conn, password: str, user: str):  # type: ignore[no-untyped-def]
+def _password_literal(conn: psycopg.Connection, password: str, user: str) -> sql.Literal:
     """The SCRAM verifier computed client side (libpq), so no plain password reaches the server logs."""
-    from psycopg import sql
-
     try:
         verifier = conn.pgconn.encrypt_password(password.encode(), user.encode(), b"scram-sha-256")
         return sql.Literal(verifier.decode())
@@ -370,8 +375,6 @@ def bootstrap_database(settings: Settings) -> None:
     settings: pg_host, pg_port, pg_superuser, pg_superuser_password). Role passwords are (re)set from
     settings on every call.
     """
-    from psycopg import sql
-
     owner, app, db = settings.pg_owner_user, settings.pg_app_user, settings.pg_database
     if settings.pg_owner_password is None or settings.pg_app_password is None:
         raise RuntimeFailure(

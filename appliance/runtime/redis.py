@@ -8,6 +8,9 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+import redis
+
 from appliance.runtime.common import (
     RuntimeFailure,
     check_port_free,
@@ -40,10 +43,41 @@ def config_path(settings: Settings) -> Path:
     return settings.redis_dir / "redis.conf"
 
 
+def pid_path(settings: Settings) -> Path:
+    return settings.run_dir / "redis.pid"
+
+
+def running_pid(settings: Settings) -> int | None:
+    """The pid of a redis-server of this home still running (per its pid file and the process table).
+
+    Redis rewrites its process title over its environment, so the environment markers of the other
+    children cannot find it: its pid file and working directory (`dir`) do.
+    """
+    try:
+        pid = int(pid_path(settings).read_text().split()[0])
+        proc = psutil.Process(pid)
+        if "redis" not in proc.name() or proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return pid if Path(proc.cwd()).resolve() == settings.redis_dir.resolve() else None
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return None
+
+
+def clear_stale(settings: Settings) -> None:
+    pid = running_pid(settings)
+    if pid is not None:
+        log.warning(
+            "redis: a stale redis-server (pid %d) of this home is still running; stopping it first", pid
+        )
+        took = stop_redis(pid)
+        log.info("redis: stale redis-server stopped (%.1f s)", took)
+    pid_path(settings).unlink(missing_ok=True)
+
+
 def write_config(settings: Settings, ident: ServiceIdentity) -> Path:
     if settings.redis_password is None:
         raise RuntimeFailure("redis: no password in settings (APPLIANCE_REDIS_PASSWORD)")
-    password = settings.redis_password.get_secret_value()
+    password = settings.redis_password.get_secret_value().replace("\\", "\\\\").replace('"', '\\"')
     lines = [
         "# Managed by `appliance up`: rewritten at each start.",
         "bind 127.0.0.1",
@@ -53,6 +87,7 @@ def write_config(settings: Settings, ident: ServiceIdentity) -> Path:
         "supervised no",
         f'dir "{settings.redis_dir}"',
         f'logfile "{settings.log_dir / "redis.log"}"',
+        f'pidfile "{pid_path(settings)}"',
         "appendonly yes",
         "appendfsync everysec",
         'appendfilename "appendonly.aof"',
@@ -64,9 +99,7 @@ def write_config(settings: Settings, ident: ServiceIdentity) -> Path:
     return path
 
 
-def client(settings: Settings, timeout: float = 2.0):  # type: ignore[no-untyped-def]
-    import redis
-
+def client(settings: Settings, timeout: float = 2.0) -> redis.Redis:
     return redis.Redis(
         host="127.0.0.1",
         port=settings.redis_port,
@@ -91,6 +124,7 @@ def start(
     should_stop: Callable[[], bool] | None = None,
 ) -> subprocess.Popen[bytes]:
     binary = redis_server_binary()
+    clear_stale(settings)
     check_port_free(NAME, "127.0.0.1", settings.redis_port)
     conf = write_config(settings, ident)
     log_path = settings.log_dir / "redis.log"

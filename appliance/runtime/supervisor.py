@@ -182,20 +182,40 @@ def stop_component(name: str, pid: int, proc: subprocess.Popen[bytes] | None = N
     return stop_process(name, pid, signal.SIGTERM, timeout, proc=proc)
 
 
+def stale_processes(settings: Settings, exclude: Iterable[int] = ()) -> dict[str, list[int]]:
+    """Servers of this home whose supervisor is gone: by environment markers, the state file, pid files."""
+    found: dict[str, list[int]] = {
+        name: [p.pid for p in procs] for name, procs in find_stale_children(settings.home, exclude).items()
+    }
+    skip = set(exclude)
+    state = read_json(state_file(settings)) or {}
+    if state.get("supervisor_pid") != running_supervisor(settings):  # written by a supervisor now gone
+        for name, rec in (state.get("components") or {}).items():
+            pid = rec.get("pid") if isinstance(rec, dict) else None
+            if pid and pid not in skip and process_alive(pid, rec.get("create_time")):
+                found.setdefault(name, [])
+                if pid not in found[name]:
+                    found[name].append(pid)
+    for name, pid in (("postgres", pg.postmaster_pid(settings)), ("redis", rd.running_pid(settings))):
+        if pid and pid not in skip and pid not in found.get(name, []):
+            found.setdefault(name, []).append(pid)
+    return found
+
+
 def stop_stale(settings: Settings, exclude: Iterable[int] = ()) -> list[str]:
-    """Stop children of a supervisor that is gone (found by their environment markers), in reverse order."""
-    stale = find_stale_children(settings.home, exclude)
+    """Stop the servers a killed supervisor left running, in reverse order."""
+    stale = stale_processes(settings, exclude)
     stopped: list[str] = []
     order = [c for c in reversed(COMPONENTS) if c in stale] + [c for c in stale if c not in COMPONENTS]
     for name in order:
-        for proc in stale[name]:
+        for pid in stale[name]:
             log.warning(
                 "%s: a stale process (pid %d) from an earlier run is still running; stopping it",
                 name,
-                proc.pid,
+                pid,
             )
-            took = stop_component(name, proc.pid)
-            stopped.append(f"{name} (pid {proc.pid}, {took:.1f} s)")
+            took = stop_component(name, pid)
+            stopped.append(f"{name} (pid {pid}, {took:.1f} s)")
     return stopped
 
 
@@ -222,6 +242,7 @@ class Supervisor:
         self._pg_install: pg.PgInstall | None = None
         self._stop = threading.Event()
         self._stopping = False
+        self.signalled: int | None = None  # the signal that asked us to stop, if any
         self._failures: dict[str, deque[float]] = {c: deque() for c in self.components}
 
     # Environment of the children ---------------------------------------------------------------
@@ -304,7 +325,26 @@ class Supervisor:
         self._write_state()
         return child
 
+    def _verify_models(self) -> None:
+        """Refuse to serve with a model file that is missing or does not match its sha256."""
+        from appliance.inference.manifest import ManifestError, load_manifest, verify_model
+
+        t0 = time.monotonic()
+        try:
+            specs = load_manifest(self.settings.models_dir)
+        except (ManifestError, OSError) as exc:
+            raise RuntimeFailure(f"models: {_one_line(exc)}") from exc
+        for spec in specs:
+            check = verify_model(spec, self.settings.models_dir, full=True)
+            if not check.ok:
+                raise RuntimeFailure(
+                    f"models: {spec.name} ({check.path}): {check.reason}; run ./install.sh to rebuild it"
+                )
+        self.timings["models"] = time.monotonic() - t0
+        log.info("models: %d verified by sha256 (%.2f s)", len(specs), self.timings["models"])
+
     def _migrate_and_bootstrap(self) -> None:
+        self._verify_models()
         t0 = time.monotonic()
         try:
             from appliance.db import migrations
@@ -419,6 +459,7 @@ class Supervisor:
         def request_stop(signum: int, _frame: Any) -> None:
             if not self._stop.is_set():
                 log.info("received %s; stopping", signal.Signals(signum).name)
+            self.signalled = self.signalled or signum
             self._stop.set()
 
         for sig in handled:
@@ -570,13 +611,11 @@ def component_status(settings: Settings) -> dict[str, Any]:
         nonlocal stale
         rec = recorded.get(name) or {}
         pid = rec.get("pid")
-        if sup_pid and process_alive(pid, rec.get("create_time")):
+        if sup_pid and pid and process_alive(pid, rec.get("create_time")):
             return int(pid)
-        if name == "postgres" and (pm := pg.postmaster_pid(settings)):
-            return pm
         if stale is None:
             try:
-                stale = {k: [p.pid for p in v] for k, v in find_stale_children(settings.home).items()}
+                stale = stale_processes(settings)
             except Exception:  # noqa: BLE001
                 stale = {}
         found = stale.get(name) or []
@@ -628,14 +667,9 @@ def stop_running(settings: Settings, timeout: float = 90.0) -> str:
             while process_alive(pid) and time.monotonic() - t0 < timeout + 10:
                 time.sleep(0.05)
             extra = stop_stale(settings)
-            if pg.postmaster_pid(settings):
-                pg.clear_stale(settings)
             return f"killed the supervisor (pid {pid}); stopped {', '.join(extra) or 'no leftover process'}"
         return f"stopped (supervisor pid {pid}, {time.monotonic() - t0:.1f} s)"
     stopped = stop_stale(settings)
-    if pm := pg.postmaster_pid(settings):
-        pg.clear_stale(settings)
-        stopped.append(f"postgres (pid {pm})")
     if stopped:
         return f"no supervisor was running; stopped stale {', '.join(stopped)}"
     return "not running"

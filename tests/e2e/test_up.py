@@ -1,0 +1,210 @@
+"""End to end: the real `appliance up --detach` / `status` / `down`, as an admin types them.
+
+Starts every process (Postgres, Redis, gunicorn with uvicorn workers, Dramatiq) in its own data
+directory on free ports, talks to the API over TCP, and checks a real worker consumes a job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import dramatiq
+import httpx
+import psutil
+import pytest
+import redis
+from dramatiq.brokers.redis import RedisBroker
+
+from appliance.settings import load_settings
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+KEY_RE = re.compile(r"System-admin API key: (apl_[0-9a-f]{12}_[A-Za-z0-9_-]{43})")
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="appliance-e2e-", dir="/var/tmp"))
+    os.chmod(path, 0o755)
+    env = cli_env(path)
+    yield path
+    subprocess.run(
+        [sys.executable, "-m", "appliance.cli.main", "down"], env=env, capture_output=True, timeout=120
+    )
+    shutil.rmtree(path, ignore_errors=True)
+
+
+_PORTS: dict[Path, dict[str, str]] = {}
+
+
+def cli_env(home: Path) -> dict[str, str]:
+    ports = _PORTS.setdefault(
+        home,
+        {
+            "APPLIANCE_API_PORT": str(free_port()),
+            "APPLIANCE_PG_PORT": str(free_port()),
+            "APPLIANCE_REDIS_PORT": str(free_port()),
+        },
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    return {
+        **env,
+        **ports,
+        "APPLIANCE_HOME": str(home),
+        "APPLIANCE_ENVIRONMENT": "test",
+        "APPLIANCE_API_WORKERS": "1",
+        "COLUMNS": "200",
+    }
+
+
+def appliance(home: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.cli.main", *args],
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_up_status_down_and_reuse(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Read this home's settings as the CLI does, not the test session's (which lives in os.environ).
+    for name in [k for k in os.environ if k.startswith("APPLIANCE_")]:
+        monkeypatch.delenv(name)
+    for name, value in cli_env(home).items():
+        if name.startswith("APPLIANCE_"):
+            monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    out = appliance(home, "up", "--detach", "--timeout", "200")
+    up_seconds = time.monotonic() - started
+    assert out.returncode == 0, out.stdout + out.stderr
+    match = KEY_RE.search(out.stdout)
+    assert match, out.stdout
+    key = match.group(1)
+    settings = load_settings(home=home)
+    api = settings.api_url
+    assert api in out.stdout
+    print(f"first `up --detach`: {up_seconds:.1f}s")
+
+    # Every component reports running; none of the servers runs as root.
+    status = appliance(home, "status", "--json")
+    assert status.returncode == 0, status.stdout + status.stderr
+    report = json.loads(status.stdout)
+    assert report["api_url"] == api
+    assert set(report["components"]) == {"postgres", "redis", "api", "workers"}
+    for name, comp in report["components"].items():
+        assert comp["state"] == "running", (name, comp)
+        if os.geteuid() == 0:
+            assert psutil.Process(comp["pid"]).uids().real != 0, name
+
+    with httpx.Client(base_url=api, timeout=10) as client:
+        assert client.get("/readyz").status_code == 200
+        headers = {"Authorization": f"Bearer {key}", "X-Request-ID": "e2e-request-1"}
+        r = client.post("/api/v1/tenants", json={"name": "e2e-tenant"}, headers=headers)
+        assert r.status_code == 201, r.text
+        assert r.headers["x-request-id"] == "e2e-request-1"
+        assert "appliance_http_requests_total" in client.get("/metrics").text
+
+    # The API logs JSON lines carrying the request id.
+    lines = [
+        json.loads(ln) for ln in (home / "logs" / "api.log").read_text().splitlines() if ln.startswith("{")
+    ]
+    assert any(ln.get("request_id") == "e2e-request-1" and ln.get("status") == 201 for ln in lines)
+
+    # A real Dramatiq worker consumes a job from the appliance's Redis.
+    broker = RedisBroker(url=settings.redis_url, namespace="appliance")
+    ping = dramatiq.actor(lambda token: None, actor_name="system_ping", queue_name="system", broker=broker)
+    token = uuid.uuid4().hex
+    ping.send(token)
+    r = redis.Redis.from_url(settings.redis_url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not r.exists(f"appliance:ping:{token}"):
+        time.sleep(0.2)
+    assert r.exists(f"appliance:ping:{token}"), (home / "logs" / "worker.log").read_text()[-2000:]
+    r.close()
+    broker.close()
+
+    # A second `up` while running is refused with the pid.
+    again = appliance(home, "up", "--detach")
+    assert again.returncode != 0 and "already running" in again.stderr
+
+    out = appliance(home, "down")
+    assert out.returncode == 0, out.stdout + out.stderr
+    stopped = appliance(home, "status", "--json")
+    assert stopped.returncode == 3
+    assert all(c["state"] == "stopped" for c in json.loads(stopped.stdout)["components"].values())
+
+    # A second `up` reuses the data directory: same data, no new bootstrap key.
+    started = time.monotonic()
+    out = appliance(home, "up", "--detach", "--timeout", "200")
+    print(f"second `up --detach`: {time.monotonic() - started:.1f}s")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not KEY_RE.search(out.stdout)
+    with httpx.Client(base_url=api, timeout=10) as client:
+        tenants = client.get("/api/v1/tenants", headers={"Authorization": f"Bearer {key}"}).json()
+        assert "e2e-tenant" in [t["name"] for t in tenants["items"]]
+    assert appliance(home, "audit", "verify").returncode == 0
+    assert appliance(home, "down").returncode == 0
+
+
+def test_taken_port_is_named(home: Path) -> None:
+    import socket
+
+    env = cli_env(home)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", int(env["APPLIANCE_REDIS_PORT"])))
+        s.listen()
+        out = appliance(home, "up", "--detach", "--timeout", "120")
+    assert out.returncode != 0
+    assert "redis" in out.stderr and env["APPLIANCE_REDIS_PORT"] in out.stderr, out.stderr
+
+
+def test_up_refuses_a_model_that_does_not_match_its_hash(home: Path, tmp_path: Path) -> None:
+    from appliance.settings import PROJECT_ROOT
+
+    models = Path(tempfile.mkdtemp(prefix="models-", dir="/var/tmp"))
+    try:
+        shutil.copy(PROJECT_ROOT / "models" / "manifest.toml", models / "manifest.toml")
+        (models / "gguf").mkdir()
+        for src in (PROJECT_ROOT / "models" / "gguf").glob("*.gguf"):
+            shutil.copy(src, models / "gguf" / src.name)
+        victim = next((models / "gguf").glob("SmolLM2*.gguf"))
+        with open(victim, "r+b") as f:  # flip one byte, same size: only the sha256 can tell
+            f.seek(1000)
+            byte = f.read(1)
+            f.seek(1000)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        os.chmod(models, 0o755)
+        env = cli_env(home)
+        env["APPLIANCE_MODELS_DIR"] = str(models)
+        out = subprocess.run(
+            [sys.executable, "-m", "appliance.cli.main", "up", "--detach", "--timeout", "120"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert out.returncode != 0
+        assert "smollm2-135m-instruct" in out.stderr and "sha256" in out.stderr, out.stderr
+        status = subprocess.run(
+            [sys.executable, "-m", "appliance.cli.main", "status", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert all(c["state"] == "stopped" for c in json.loads(status.stdout)["components"].values())
+    finally:
+        shutil.rmtree(models, ignore_errors=True)
