@@ -17,7 +17,8 @@ Installs the appliance from this checkout on Debian 12 (run as root):
   - traverse permission for `appliance` on the directories above this checkout.
 
 Options:
-  --dev     also install the test and lint tools (pytest, ruff, mypy)
+  --dev     also install the test and lint tools (pytest, ruff, mypy) and Ceph
+            (ceph-mon, ceph-osd, radosgw: the real S3 server of the storage tests)
   --help    show this help
 
 Environment:
@@ -54,7 +55,9 @@ LLAMA_VERSION=0.3.36
 WHEELHOUSE="${APPLIANCE_WHEELHOUSE:-/var/cache/appliance/wheelhouse}"
 VENV="$REPO/.venv"
 STAMP="$VENV/.install-stamp"
-APT_PACKAGES=(python3 python3-venv python3-dev build-essential cmake git curl acl redis-server ca-certificates)
+APT_PACKAGES=(python3 python3-venv python3-dev build-essential cmake git curl acl redis-server ca-certificates libmagic1)
+# --dev: Ceph mon/osd/radosgw (+ curl, already above), the real S3 server the storage tests start on loopback.
+((DEV)) && APT_PACKAGES+=(ceph-mon ceph-osd radosgw)
 
 # Microseconds since the epoch (bash 5: no external tool needed).
 now() { local t="${EPOCHREALTIME//[.,]/}"; echo "$t"; }

@@ -25,6 +25,14 @@ from appliance.errors import PROBLEM_MEDIA_TYPE, AppError, problem_body
 from appliance.health.routes import router as health_router
 from appliance.logs import configure_logging, get_logger
 from appliance.settings import Settings, get_settings
+from appliance.documents.routes import router as documents_router
+from appliance.documents.service import Services
+from appliance.documents.signing import UrlSigner
+from appliance.keys.envelope import BlobIntegrityError
+from appliance.keys.keyring import Keyring
+from appliance.keys.service import TenantKeyDestroyed
+from appliance.storage.base import ObjectNotFound, StorageError
+from appliance.storage.factory import build_store
 from appliance.tenants.routes import router as tenants_router
 
 log = get_logger("appliance.api")
@@ -133,6 +141,28 @@ def install_error_handlers(app: FastAPI) -> None:
             request, exc.status_code, code, str(exc.detail), str(exc.detail), headers=dict(exc.headers or {})
         )
 
+    @app.exception_handler(BlobIntegrityError)
+    async def integrity_error(request: Request, exc: BlobIntegrityError) -> JSONResponse:
+        log.error("stored blob failed authentication", path=request.url.path, error=str(exc))
+        return _problem(request, 500, "blob_integrity_error", "Stored data failed its integrity check",
+                        "The stored copy of this content did not authenticate; no bytes of it were sent. "
+                        "Quote the request id to the administrator.")
+
+    @app.exception_handler(TenantKeyDestroyed)
+    async def key_destroyed(request: Request, exc: TenantKeyDestroyed) -> JSONResponse:
+        return _problem(request, 410, "tenant_key_destroyed", "Data key destroyed",
+                        "This tenant's data key has been destroyed; its content cannot be read.")
+
+    @app.exception_handler(StorageError)
+    async def storage_error(request: Request, exc: StorageError) -> JSONResponse:
+        if isinstance(exc, ObjectNotFound):
+            log.error("catalogued object missing from the store", path=request.url.path, error=str(exc))
+        else:
+            log.error("object store error", path=request.url.path, error=str(exc))
+        return _problem(request, 503, "object_store_unavailable", "Object store unavailable",
+                        "The object store could not serve this request; try again later.",
+                        headers={"Retry-After": "5"})
+
     @app.exception_handler(Exception)
     async def unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", path=request.url.path)
@@ -180,6 +210,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.db = Database(settings.app_database_url, pool_size=settings.db_pool_size)
         app.state.redis = aioredis.from_url(settings.redis_url, socket_timeout=5, health_check_interval=30)
+        app.state.store = build_store(settings)
+        app.state.keyring = Keyring(settings.master_key_path)
+        app.state.url_signer = UrlSigner.from_file(settings.url_signing_key_path)
+        app.state.documents = Services(settings=settings, db=app.state.db, keyring=app.state.keyring,
+                                       store=app.state.store)
         try:
             yield
         finally:
@@ -199,6 +234,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api_prefix = "/api/v1"
     app.include_router(auth_router, prefix=api_prefix)
     app.include_router(tenants_router, prefix=api_prefix)
+    app.include_router(documents_router, prefix=api_prefix)
     _openapi_problem_schema(app)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     # Keys.
     master_key_file: Path | None = None
 
+    # Documents.
+    max_upload_bytes: int = 2 * 1024**3
+    blob_segment_bytes: int = 256 * 1024
+    download_url_max_seconds: int = 7 * 24 * 3600
+
     log_level: str = "INFO"
     log_json: bool = True
 
@@ -124,6 +129,15 @@ class Settings(BaseSettings):
     @property
     def master_key_path(self) -> Path:
         return self.master_key_file or self.keys_dir / "master.key"
+
+    @property
+    def url_signing_key_path(self) -> Path:
+        return self.keys_dir / "url-signing.key"
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Staging for uploads (already encrypted): on the data disk, never in /tmp."""
+        return self.home / "tmp"
 
     @property
     def api_url(self) -> str:

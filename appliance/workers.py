@@ -34,3 +34,27 @@ def system_ping(token: str) -> None:
     finally:
         client.close()
     log.info("ping", token=token)
+
+
+@dramatiq.actor(queue_name="maintenance", max_retries=10, min_backoff=2_000, max_backoff=300_000)
+def purge_document(tenant_id: str, document_id: str) -> None:
+    """Remove a deleted document's blobs and rows (idempotent: a retry finds nothing left to do)."""
+    import asyncio
+    import uuid
+
+    from appliance.db.engine import Database
+    from appliance.documents.service import Services, purge_document as purge
+    from appliance.keys.keyring import Keyring
+    from appliance.storage.factory import build_store
+
+    async def run() -> int:
+        db = Database(settings.app_database_url, pool_size=1)
+        try:
+            svc = Services(settings=settings, db=db, keyring=Keyring(settings.master_key_path),
+                           store=build_store(settings))
+            return await purge(svc, uuid.UUID(tenant_id), uuid.UUID(document_id))
+        finally:
+            await db.dispose()
+
+    removed = asyncio.run(run())
+    log.info("purged document", document_id=document_id, versions=removed)

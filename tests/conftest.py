@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from appliance.api import create_app
 from appliance.bootstrap import ensure_bootstrap
@@ -65,17 +66,26 @@ def system_key(settings: Settings) -> str:
     return key
 
 
+_SESSION_DB: list[Database] = []
+
+
 @pytest.fixture(scope="session")
 async def app_db(settings: Settings) -> AsyncIterator[Database]:
     db = Database(settings.app_database_url, pool_size=2)
+    _SESSION_DB[:] = [db]
     yield db
     await db.dispose()
 
 
 @pytest.fixture(scope="session")
-async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://appliance.test") as c:
-            yield c
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture(scope="session")
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://appliance.test", timeout=120) as c:
+        yield c

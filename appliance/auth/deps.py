@@ -20,24 +20,30 @@ def get_db(request: Request) -> Database:
     return db
 
 
-async def _session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One transaction per request, committed before the response is sent (scope="function")."""
-    async with get_db(request).transaction() as session:
-        yield session
-
-
-SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
-
-
-async def _principal(request: Request, session: SessionDep) -> Principal:
+async def _principal(request: Request) -> Principal:
+    """Authenticate in a short transaction of its own (it commits the key's last use)."""
+    db = get_db(request)
     try:
-        principal = await authenticate(session, request.headers.get("authorization"))
+        async with db.transaction() as session:
+            principal = await authenticate(session, request.headers.get("authorization"))
     except AuthFailure as failure:
-        await record_auth_failure(get_db(request), failure)
+        await record_auth_failure(db, failure)
         raise
     actor_var.set(Actor("api_key", str(principal.key_id), principal.key_prefix))
     request.state.principal = principal
     return principal
+
+
+async def _session(
+    request: Request, principal: Annotated[Principal, Depends(_principal)]
+) -> AsyncIterator[AsyncSession]:
+    """The request's unit of work: one transaction scoped to the caller's tenant, committed before
+    the response is sent (scope="function"). Uploads stream outside it and open their own."""
+    async with get_db(request).transaction(tenant_id=principal.tenant_id) as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
 
 
 def require(

@@ -8,11 +8,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from appliance.auth import service
 from appliance.auth.schemas import KeyCreated, KeyOut
+from appliance.cli import keys_admin
 from appliance.cli._common import console, err_console, fail, print_json
 from appliance.cli._db import run_in_transaction
 from appliance.tenants import service as tenants
 
 app = typer.Typer(no_args_is_help=True)
+app.command("rotate-master")(keys_admin.rotate_master)
+app.command("status")(keys_admin.status)
 ROLES = ("admin", "editor", "viewer")
 
 

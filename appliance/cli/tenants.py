@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import uuid
+
 import typer
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from appliance.cli._common import console, print_json
+from appliance.cli._common import console, err_console, fail, print_json
 from appliance.cli._db import run_in_transaction
+from appliance.settings import get_settings
+from appliance.storage.factory import build_store
 from appliance.tenants import service
 from appliance.tenants.schemas import TenantOut
 
@@ -47,3 +51,37 @@ def list_(as_json: bool = typer.Option(False, "--json")) -> None:
     for t in tenants:
         table.add_row(t.name, str(t.id), t.status, t.created_at.isoformat(timespec="seconds"))
     console.print(table)
+
+
+@app.command("delete")
+def delete(
+    name: str = typer.Argument(..., help="The tenant to delete."),
+    confirm: str | None = typer.Option(None, "--confirm", help="The tenant name again (for scripts)."),
+) -> None:
+    """Delete a tenant: destroy its data key first (crypto-shredding), then purge its blobs.
+
+    Re-running it on a deleted tenant finishes an interrupted purge."""
+    if confirm is None:
+        err_console.print(
+            f"This destroys tenant [bold]{name}[/]'s data key: its documents become unreadable "
+            "at once and are then removed. It cannot be undone."
+        )
+        confirm = typer.prompt("Type the tenant name to confirm")
+    if confirm != name:
+        fail("the name typed does not match; nothing was deleted")
+
+    async def shred(session: AsyncSession) -> tuple[uuid.UUID, bool]:
+        tenant = await service.get_tenant_by_name(session, name)
+        return tenant.id, await service.mark_deleted(session, tenant)
+
+    tenant_id, destroyed = run_in_transaction(shred)
+    console.print(
+        f"tenant {name}: data key {'destroyed' if destroyed else 'already destroyed'}; purging blobs"
+    )
+    store = build_store(get_settings())
+
+    async def purge(session: AsyncSession) -> int:
+        return await service.purge_deleted(session, store, tenant_id)
+
+    removed = run_in_transaction(purge)
+    console.print(f"tenant {name} deleted: {removed} blobs removed; its audit trail is kept")

@@ -10,7 +10,7 @@ transaction are written just before the commit, in the same transaction (see app
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -41,11 +41,16 @@ class Database:
     @asynccontextmanager
     async def transaction(self, *, tenant_id: uuid.UUID | None = None) -> AsyncIterator[AsyncSession]:
         """Open a session and a transaction; commit on success, roll back on error."""
-        async with self.sessionmaker() as session, session.begin():
-            if tenant_id is not None:
-                await set_tenant(session, tenant_id)
-            yield session
-            await before_commit(session)
+        async with self.sessionmaker() as session:
+            async with session.begin():
+                if tenant_id is not None:
+                    await set_tenant(session, tenant_id)
+                yield session
+                await before_commit(session)
+                callbacks: list[Callable[[], None]] = session.info.pop("after_commit", [])
+            # Committed: now it is safe to tell the outside world (enqueue jobs, invalidate caches).
+            for callback in callbacks:
+                callback()
 
 
 async def set_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> None:
@@ -54,6 +59,11 @@ async def set_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> None:
         text("SELECT set_config(:guc, :tenant, true)"), {"guc": TENANT_GUC, "tenant": str(tenant_id)}
     )
     session.info["tenant_id"] = tenant_id
+
+
+def after_commit(session: AsyncSession, callback: Callable[[], None]) -> None:
+    """Run `callback` once the transaction has committed (dropped on rollback)."""
+    session.info.setdefault("after_commit", []).append(callback)
 
 
 def current_tenant(session: AsyncSession) -> uuid.UUID | None:
@@ -79,6 +89,7 @@ def _refuse_unwritten_audit(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _drop_pending(session: Session) -> None:
     session.info.pop("audit_pending", None)
+    session.info.pop("after_commit", None)
     session.info.pop("tenant_id", None)
 
 

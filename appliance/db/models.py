@@ -2,6 +2,8 @@
 
 from appliance.audit.models import AuditChainHead, AuditEvent
 from appliance.auth.models import ApiKey
+from appliance.documents.models import Document, DocumentVersion
+from appliance.keys.models import TenantKey
 from appliance.tenants.models import Tenant
 
-__all__ = ["ApiKey", "AuditChainHead", "AuditEvent", "Tenant"]
+__all__ = ["ApiKey", "AuditChainHead", "AuditEvent", "Document", "DocumentVersion", "Tenant", "TenantKey"]

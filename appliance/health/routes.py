@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -36,13 +35,10 @@ async def _check_redis(request: Request) -> dict[str, Any]:
     return {"ok": True}
 
 
-def _check_objects(settings: Settings) -> dict[str, Any]:
-    path = settings.objects_dir
-    if not path.is_dir():
-        return {"ok": False, "detail": f"{path} does not exist"}
-    with tempfile.NamedTemporaryFile(dir=path, prefix=".ready-", delete=True):
-        pass
-    return {"ok": True, "detail": "filesystem"}
+def _check_objects(request: Request) -> dict[str, Any]:
+    store = request.app.state.store
+    store.check()
+    return {"ok": True, "detail": store.name}
 
 
 def _check_models(settings: Settings) -> dict[str, Any]:
@@ -70,7 +66,7 @@ async def readyz(request: Request) -> JSONResponse:
     await asyncio.gather(
         run("postgres", _check_postgres(request)),
         run("redis", _check_redis(request)),
-        run("object_store", asyncio.to_thread(_check_objects, settings)),
+        run("object_store", asyncio.to_thread(_check_objects, request)),
         run("models", asyncio.to_thread(_check_models, settings)),
     )
     ready = all(c["ok"] for c in checks.values())

@@ -50,6 +50,7 @@ def home_subdirs(settings: Settings) -> list[Path]:
         settings.objects_dir,
         settings.pg_data_dir.parent,
         settings.home / "runtime",
+        settings.tmp_dir,
     ]
 
 
@@ -158,11 +159,19 @@ def ensure_secrets(settings: Settings, ident: ServiceIdentity) -> Settings:
 
 def ensure_master_key(settings: Settings, ident: ServiceIdentity) -> Path:
     """Create the 32-byte master key (0600) when missing; an existing one is never touched."""
-    path = settings.master_key_path
+    return _ensure_key_file(settings.master_key_path, ident, "the master key")
+
+
+def ensure_signing_key(settings: Settings, ident: ServiceIdentity) -> Path:
+    """Create the 32-byte HMAC key for signed download URLs (0600) when missing."""
+    return _ensure_key_file(settings.url_signing_key_path, ident, "the URL-signing key")
+
+
+def _ensure_key_file(path: Path, ident: ServiceIdentity, what: str) -> Path:
     if path.exists():
         size = path.stat().st_size
         if size != MASTER_KEY_BYTES:
-            raise RuntimeFailure(f"the master key {path} has {size} bytes, expected {MASTER_KEY_BYTES}")
+            raise RuntimeFailure(f"{what} {path} has {size} bytes, expected {MASTER_KEY_BYTES}")
         return path
     if not path.parent.exists():
         make_private_dir(path.parent, ident)
@@ -173,7 +182,7 @@ def ensure_master_key(settings: Settings, ident: ServiceIdentity) -> Path:
     finally:
         os.close(fd)
     ident.chown(path)
-    log.info("created the master key %s", path)
+    log.info("created %s %s", what, path)
     return path
 
 
@@ -184,4 +193,5 @@ def prepare(settings: Settings) -> tuple[Settings, ServiceIdentity]:
     prepare_home(settings, ident)
     settings = ensure_secrets(settings, ident)
     ensure_master_key(settings, ident)
+    ensure_signing_key(settings, ident)
     return settings, ident

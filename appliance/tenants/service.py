@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
+import anyio
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -13,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from appliance.audit import service as audit
 from appliance.db.engine import set_tenant
 from appliance.errors import AppError, Conflict, NotFound
+from appliance.storage.base import ObjectStore
 from appliance.tenants.models import Tenant
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -68,3 +71,64 @@ async def get_tenant_by_name(session: AsyncSession, name: str) -> Tenant:
     if tenant is None:
         raise NotFound(f"No tenant named {name!r}.", code="tenant_not_found")
     return tenant
+
+
+async def mark_deleted(session: AsyncSession, tenant: Tenant) -> bool:
+    """Crypto-shred and close a tenant in one transaction: its data key is destroyed first, its API
+    keys revoked, its documents hidden. Returns whether a data key existed. Blobs are purged after."""
+    from sqlalchemy import update
+
+    from appliance.auth.models import ApiKey
+    from appliance.documents.models import Document, DocumentVersion
+    from appliance.keys.service import destroy_tenant_key
+
+    await set_tenant(session, tenant.id)
+    destroyed = await destroy_tenant_key(session, tenant.id)
+    now = datetime.now(UTC)
+    await session.execute(
+        update(ApiKey)
+        .where(ApiKey.tenant_id == tenant.id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    await session.execute(
+        update(Document)
+        .where(Document.tenant_id == tenant.id, Document.status == "active")
+        .values(status="deleted", deleted_at=now)
+    )
+    await session.execute(
+        update(DocumentVersion)
+        .where(DocumentVersion.tenant_id == tenant.id, DocumentVersion.deleted_at.is_(None))
+        .values(deleted_at=now)
+    )
+    if tenant.status != "deleted":
+        tenant.status, tenant.deleted_at = "deleted", now
+        await session.flush()
+        audit.record(
+            session,
+            "tenant.delete",
+            resource_type="tenant",
+            resource_id=tenant.id,
+            details={"name": tenant.name, "data_key_destroyed": destroyed},
+        )
+    return destroyed
+
+
+async def purge_deleted(session: AsyncSession, store: ObjectStore, tenant_id: uuid.UUID) -> int:
+    """Remove a deleted tenant's blobs, then its document rows (idempotent). Audit rows stay."""
+    from sqlalchemy import delete, select
+
+    from appliance.documents.models import Document, DocumentVersion
+
+    tenant = await get_tenant(session, tenant_id)
+    if tenant.status != "deleted":
+        raise AppError(f"Tenant {tenant.name} is not deleted.", code="tenant_not_deleted", status=409)
+    await set_tenant(session, tenant_id)
+    keys = list((await session.execute(select(DocumentVersion.object_key))).scalars())
+    for key in keys:
+        await anyio.to_thread.run_sync(store.delete, key)
+    await session.execute(delete(DocumentVersion))
+    await session.execute(delete(Document))
+    audit.record(
+        session, "tenant.purge", resource_type="tenant", resource_id=tenant_id, details={"blobs": len(keys)}
+    )
+    return len(keys)
