@@ -21,16 +21,16 @@ from appliance.auth.routes import router as auth_router
 from appliance.auth.service import AuthFailure
 from appliance.context import actor_var, client_addr_var, request_id_var
 from appliance.db.engine import Database
-from appliance.errors import PROBLEM_MEDIA_TYPE, AppError, problem_body
-from appliance.health.routes import router as health_router
-from appliance.logs import configure_logging, get_logger
-from appliance.settings import Settings, get_settings
 from appliance.documents.routes import router as documents_router
 from appliance.documents.service import Services
 from appliance.documents.signing import UrlSigner
+from appliance.errors import PROBLEM_MEDIA_TYPE, AppError, problem_body
+from appliance.health.routes import router as health_router
 from appliance.keys.envelope import BlobIntegrityError
 from appliance.keys.keyring import Keyring
 from appliance.keys.service import TenantKeyDestroyed
+from appliance.logs import configure_logging, get_logger
+from appliance.settings import Settings, get_settings
 from appliance.storage.base import ObjectNotFound, StorageError
 from appliance.storage.factory import build_store
 from appliance.tenants.routes import router as tenants_router
@@ -144,14 +144,24 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BlobIntegrityError)
     async def integrity_error(request: Request, exc: BlobIntegrityError) -> JSONResponse:
         log.error("stored blob failed authentication", path=request.url.path, error=str(exc))
-        return _problem(request, 500, "blob_integrity_error", "Stored data failed its integrity check",
-                        "The stored copy of this content did not authenticate; no bytes of it were sent. "
-                        "Quote the request id to the administrator.")
+        return _problem(
+            request,
+            500,
+            "blob_integrity_error",
+            "Stored data failed its integrity check",
+            "The stored copy of this content did not authenticate; no bytes of it were sent. "
+            "Quote the request id to the administrator.",
+        )
 
     @app.exception_handler(TenantKeyDestroyed)
     async def key_destroyed(request: Request, exc: TenantKeyDestroyed) -> JSONResponse:
-        return _problem(request, 410, "tenant_key_destroyed", "Data key destroyed",
-                        "This tenant's data key has been destroyed; its content cannot be read.")
+        return _problem(
+            request,
+            410,
+            "tenant_key_destroyed",
+            "Data key destroyed",
+            "This tenant's data key has been destroyed; its content cannot be read.",
+        )
 
     @app.exception_handler(StorageError)
     async def storage_error(request: Request, exc: StorageError) -> JSONResponse:
@@ -159,9 +169,14 @@ def install_error_handlers(app: FastAPI) -> None:
             log.error("catalogued object missing from the store", path=request.url.path, error=str(exc))
         else:
             log.error("object store error", path=request.url.path, error=str(exc))
-        return _problem(request, 503, "object_store_unavailable", "Object store unavailable",
-                        "The object store could not serve this request; try again later.",
-                        headers={"Retry-After": "5"})
+        return _problem(
+            request,
+            503,
+            "object_store_unavailable",
+            "Object store unavailable",
+            "The object store could not serve this request; try again later.",
+            headers={"Retry-After": "5"},
+        )
 
     @app.exception_handler(Exception)
     async def unhandled(request: Request, exc: Exception) -> JSONResponse:
@@ -213,8 +228,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = build_store(settings)
         app.state.keyring = Keyring(settings.master_key_path)
         app.state.url_signer = UrlSigner.from_file(settings.url_signing_key_path)
-        app.state.documents = Services(settings=settings, db=app.state.db, keyring=app.state.keyring,
-                                       store=app.state.store)
+        app.state.documents = Services(
+            settings=settings, db=app.state.db, keyring=app.state.keyring, store=app.state.store
+        )
         try:
             yield
         finally:

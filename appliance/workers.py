@@ -43,15 +43,20 @@ def purge_document(tenant_id: str, document_id: str) -> None:
     import uuid
 
     from appliance.db.engine import Database
-    from appliance.documents.service import Services, purge_document as purge
+    from appliance.documents.service import Services
+    from appliance.documents.service import purge_document as purge
     from appliance.keys.keyring import Keyring
     from appliance.storage.factory import build_store
 
     async def run() -> int:
         db = Database(settings.app_database_url, pool_size=1)
         try:
-            svc = Services(settings=settings, db=db, keyring=Keyring(settings.master_key_path),
-                           store=build_store(settings))
+            svc = Services(
+                settings=settings,
+                db=db,
+                keyring=Keyring(settings.master_key_path),
+                store=build_store(settings),
+            )
             return await purge(svc, uuid.UUID(tenant_id), uuid.UUID(document_id))
         finally:
             await db.dispose()

@@ -71,7 +71,7 @@ def delete(
         fail("the name typed does not match; nothing was deleted")
 
     async def shred(session: AsyncSession) -> tuple[uuid.UUID, bool]:
-        tenant = await service.get_tenant_by_name(session, name)
+        tenant = await service.get_tenant_by_name(session, name, include_deleted=True)
         return tenant.id, await service.mark_deleted(session, tenant)
 
     tenant_id, destroyed = run_in_transaction(shred)

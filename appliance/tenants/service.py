@@ -59,16 +59,16 @@ async def list_tenants(
     return (await session.execute(stmt)).scalars().all()
 
 
-async def get_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> Tenant:
+async def get_tenant(session: AsyncSession, tenant_id: uuid.UUID, *, include_deleted: bool = False) -> Tenant:
     tenant = await session.get(Tenant, tenant_id)
-    if tenant is None:
+    if tenant is None or (tenant.status == "deleted" and not include_deleted):
         raise NotFound(f"No tenant {tenant_id}.", code="tenant_not_found")
     return tenant
 
 
-async def get_tenant_by_name(session: AsyncSession, name: str) -> Tenant:
+async def get_tenant_by_name(session: AsyncSession, name: str, *, include_deleted: bool = False) -> Tenant:
     tenant = (await session.execute(select(Tenant).where(Tenant.name == name))).scalar_one_or_none()
-    if tenant is None:
+    if tenant is None or (tenant.status == "deleted" and not include_deleted):
         raise NotFound(f"No tenant named {name!r}.", code="tenant_not_found")
     return tenant
 
@@ -119,7 +119,7 @@ async def purge_deleted(session: AsyncSession, store: ObjectStore, tenant_id: uu
 
     from appliance.documents.models import Document, DocumentVersion
 
-    tenant = await get_tenant(session, tenant_id)
+    tenant = await get_tenant(session, tenant_id, include_deleted=True)
     if tenant.status != "deleted":
         raise AppError(f"Tenant {tenant.name} is not deleted.", code="tenant_not_deleted", status=409)
     await set_tenant(session, tenant_id)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
-import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -353,3 +353,30 @@ async def test_tampered_blob_is_refused(client: httpx.AsyncClient, app: FastAPI,
     r = await client.get(f"/api/v1/documents/{doc['id']}/content", headers=bearer(tenant.key))
     assert r.status_code == 500 and r.json()["code"] == "blob_integrity_error"
     assert data[:100] not in r.content
+
+
+async def test_fifty_mib_round_trip(client: httpx.AsyncClient, tenant) -> None:
+    digest = hashlib.sha256()
+    piece = os.urandom(1 << 20)
+
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(50):
+            chunk = bytes([i]) + piece[1:]
+            digest.update(chunk)
+            yield chunk
+
+    r = await client.post(
+        "/api/v1/documents", content=body(), headers={**bearer(tenant.key), "X-Filename": "big.bin"}
+    )
+    assert r.status_code == 201, r.text
+    doc = r.json()
+    assert doc["current_version"]["size"] == 50 << 20
+    assert doc["current_version"]["sha256"] == digest.hexdigest()
+    got = hashlib.sha256()
+    async with client.stream(
+        "GET", f"/api/v1/documents/{doc['id']}/content", headers=bearer(tenant.key)
+    ) as resp:
+        assert resp.status_code == 200
+        async for chunk in resp.aiter_bytes():
+            got.update(chunk)
+    assert got.hexdigest() == digest.hexdigest()

@@ -24,6 +24,7 @@ import psutil
 import pytest
 import redis
 from dramatiq.brokers.redis import RedisBroker
+from sqlalchemy import create_engine, text
 
 from appliance.settings import load_settings
 from tests.conftest import free_port
@@ -134,6 +135,43 @@ def test_up_status_down_and_reuse(home: Path, monkeypatch: pytest.MonkeyPatch) -
     assert r.exists(f"appliance:ping:{token}"), (home / "logs" / "worker.log").read_text()[-2000:]
     r.close()
     broker.close()
+
+    # Documents through the real server; the purge after a delete runs in the real Dramatiq worker.
+    with httpx.Client(base_url=api, timeout=30) as client:
+        tenant_id = client.get("/api/v1/tenants", headers={"Authorization": f"Bearer {key}"}).json()["items"][
+            0
+        ]["id"]
+        r = client.post(
+            "/api/v1/keys",
+            json={"name": "e2e", "role": "editor", "tenant_id": tenant_id},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        editor = {"Authorization": f"Bearer {r.json()['key']}"}
+        data = os.urandom(700_000)
+        doc = client.post(
+            "/api/v1/documents", content=data, headers={**editor, "X-Filename": "e2e.bin"}
+        ).json()
+        assert client.get(f"/api/v1/documents/{doc['id']}/content", headers=editor).content == data
+        assert client.delete(f"/api/v1/documents/{doc['id']}", headers=editor).status_code == 204
+    engine = create_engine(settings.owner_database_url)
+    try:
+        deadline = time.monotonic() + 60
+        purged = None
+        while time.monotonic() < deadline and purged is None:
+            with engine.connect() as conn:
+                purged = conn.execute(
+                    text("SELECT purged_at FROM documents WHERE id = :d"), {"d": doc["id"]}
+                ).scalar()
+            time.sleep(0.2)
+        assert purged is not None, (home / "logs" / "worker.log").read_text()[-2000:]
+        with engine.connect() as conn:
+            left = conn.execute(
+                text("SELECT count(*) FROM document_versions WHERE document_id = :d"), {"d": doc["id"]}
+            ).scalar()
+        assert left == 0
+    finally:
+        engine.dispose()
+    assert list((home / "objects").rglob("*")) == [p for p in (home / "objects").rglob("*") if p.is_dir()]
 
     # A second `up` while running is refused with the pid.
     again = appliance(home, "up", "--detach")

@@ -1,7 +1,6 @@
 """Encrypted blob format: round trips, range reads, tampering. Real AES-GCM and zstd, no mocks.
 
-The throughput measurement behind docs/encryption.md is `test_throughput`, skipped unless
-APPLIANCE_BENCH=1 (see the doc for the command).
+The throughput measurement behind docs/encryption.md is bench/envelope_throughput.py.
 """
 
 from __future__ import annotations
@@ -11,10 +10,8 @@ import io
 import os
 import random
 import struct
-import time
 import tracemalloc
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -555,47 +552,3 @@ def test_errors_are_one_line_without_key_material(dek: bytes, ctx: BlobContext) 
     msg = str(err)
     assert msg.startswith("segment 2 of 3: authentication failed")
     assert "\n" not in msg and dek.hex() not in msg and repr(dek)[2:-1] not in msg
-
-
-# --- throughput (opt-in) --------------------------------------------------------------------------
-
-
-def _repeat(block: bytes, total: int) -> Iterator[bytes]:
-    for _ in range(total // len(block)):
-        yield block
-
-
-@pytest.mark.skipif(not os.environ.get("APPLIANCE_BENCH"), reason="set APPLIANCE_BENCH=1 to measure")
-def test_throughput(tmp_path: Path) -> None:
-    total = int(os.environ.get("APPLIANCE_BENCH_MIB", "256")) * MiB
-    segment_sizes = [
-        int(k) * 1024 for k in os.environ.get("APPLIANCE_BENCH_SEGMENTS_KIB", "64,256,1024,4096").split(",")
-    ]
-    blocks = {"random": os.urandom(16 * MiB), "text": text_like(16 * MiB, seed=1)}
-    dek, ctx = generate_dek(), new_context()
-    print(f"\n{total // MiB} MiB per run, {os.cpu_count()} CPUs; MiB/s of plaintext")
-    for seg in segment_sizes:
-        for name, block in blocks.items():
-            path = tmp_path / f"{name}-{seg}"
-            t0 = time.perf_counter()
-            with open(path, "wb") as sink, BlobWriter(dek, ctx, sink, segment_size=seg) as w:
-                for piece in _repeat(block, total):
-                    w.write(piece)
-            t1 = time.perf_counter()
-            with FileSource(path) as src:
-                reader = BlobReader(dek, ctx, src)
-                for _ in reader.iter_all(chunk=seg):
-                    pass
-                t2 = time.perf_counter()
-                rnd = random.Random(0)
-                for _ in range(200):
-                    a = rnd.randrange(total - 100)
-                    reader.read_range(a, a + 100)
-                t3 = time.perf_counter()
-            stored = path.stat().st_size
-            path.unlink()
-            print(
-                f"segment {seg // 1024:>5} KiB  {name:<6}  write {total / MiB / (t1 - t0):7.0f}  "
-                f"read {total / MiB / (t2 - t1):7.0f}  stored/plain {stored / total:.3f}  "
-                f"100-byte range {(t3 - t2) / 200 * 1e3:.2f} ms"
-            )
