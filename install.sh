@@ -55,7 +55,7 @@ LLAMA_VERSION=0.3.36
 WHEELHOUSE="${APPLIANCE_WHEELHOUSE:-/var/cache/appliance/wheelhouse}"
 VENV="$REPO/.venv"
 STAMP="$VENV/.install-stamp"
-APT_PACKAGES=(python3 python3-venv python3-dev build-essential cmake git curl acl redis-server ca-certificates libmagic1)
+APT_PACKAGES=(python3 python3-venv python3-dev build-essential cmake git curl acl redis-server ca-certificates libmagic1 tesseract-ocr tesseract-ocr-eng)
 # --dev: Ceph mon/osd/radosgw (+ curl, already above), the real S3 server the storage tests start on loopback.
 ((DEV)) && APT_PACKAGES+=(ceph-mon ceph-osd radosgw)
 

@@ -26,6 +26,7 @@ from appliance.documents.service import Services
 from appliance.documents.signing import UrlSigner
 from appliance.errors import PROBLEM_MEDIA_TYPE, AppError, problem_body
 from appliance.health.routes import router as health_router
+from appliance.jobs.routes import router as jobs_router
 from appliance.keys.envelope import BlobIntegrityError
 from appliance.keys.keyring import Keyring
 from appliance.keys.service import TenantKeyDestroyed
@@ -251,6 +252,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(auth_router, prefix=api_prefix)
     app.include_router(tenants_router, prefix=api_prefix)
     app.include_router(documents_router, prefix=api_prefix)
+    app.include_router(jobs_router, prefix=api_prefix)
     _openapi_problem_schema(app)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -25,6 +25,16 @@ HTTP_LATENCY = Histogram(
     ["method", "route"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+INGEST_STAGE_SECONDS = Histogram(
+    "appliance_ingest_stage_seconds",
+    "Time per ingest stage.",
+    ["stage"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+)
+INGEST_FAILURES = Counter(
+    "appliance_ingest_failures_total", "Failed ingest attempts by error code.", ["code"]
+)
+EMBEDDING_TOKENS = Counter("appliance_embedding_tokens_total", "Tokens embedded by the workers.")
 AUTH_FAILURES = Counter("appliance_auth_failures_total", "Rejected API keys by reason.", ["reason"])
 
 

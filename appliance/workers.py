@@ -1,16 +1,24 @@
 """Dramatiq broker and actors. Run with `dramatiq appliance.workers` (as `appliance up` does).
 
-Jobs carry ids only; each actor opens its own transaction through the domain services. Later
-issues add the ingest stages here; `system_ping` proves a worker is consuming the queue.
+Jobs carry ids only; each actor opens its own transactions through the domain services. Each
+worker thread keeps one event loop and one database pool for its whole life (`run_async`), and each
+process loads the embedding model once. A sweeper thread per process (one active at a time, by a
+Redis lock) re-drives jobs whose message was lost or whose worker died.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import Middleware
 
 from appliance.logs import configure_logging, get_logger
 from appliance.settings import get_settings
@@ -18,11 +26,80 @@ from appliance.settings import get_settings
 settings = get_settings()
 configure_logging(settings.log_level, json=settings.log_json)
 log = get_logger("appliance.workers")
-
-broker = RedisBroker(url=settings.redis_url, namespace="appliance")
-dramatiq.set_broker(broker)
+T = TypeVar("T")
 
 PING_KEY = "appliance:ping:{token}"
+SWEEP_LOCK = "appliance:sweeper"
+SWEEP_INTERVAL_S = 30
+QUEUED_STALE_S = 600
+HEARTBEAT_STALE_S = 120
+
+_local = threading.local()
+
+
+def run_async(fn: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `fn(services)` on this thread's long-lived loop with this thread's services."""
+    runner = getattr(_local, "runner", None)
+    if runner is None:
+        runner = _local.runner = asyncio.Runner()
+    return runner.run(_with_services(fn))
+
+
+async def _with_services(fn: Callable[[Any], Awaitable[T]]) -> T:
+    from appliance.db.engine import Database
+    from appliance.ingest.pipeline import WorkerServices
+    from appliance.keys.keyring import Keyring
+    from appliance.storage.factory import build_store
+
+    services = getattr(_local, "services", None)
+    if services is None:
+        services = _local.services = WorkerServices(
+            settings=settings,
+            db=Database(settings.app_database_url, pool_size=2),
+            keyring=Keyring(settings.master_key_path),
+            store=build_store(settings),
+        )
+    return await fn(services)
+
+
+class Sweeper(Middleware):
+    """After boot, every SWEEP_INTERVAL_S: re-enqueue jobs queued for too long or running with a stale
+    heartbeat (their worker was killed). A Redis lock keeps one sweep at a time across processes."""
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        threading.Thread(target=self._loop, name="appliance-sweeper", daemon=True).start()
+
+    def _loop(self) -> None:
+        client = redis.Redis.from_url(settings.redis_url)
+        while True:
+            try:
+                if client.set(SWEEP_LOCK, "1", nx=True, ex=SWEEP_INTERVAL_S - 1):
+                    redriven = run_async(sweep_once)
+                    if redriven:
+                        log.info("sweeper re-drove jobs", count=redriven)
+            except Exception as exc:  # never let the sweeper die
+                log.warning("sweep failed", error=str(exc)[:300])
+            time.sleep(SWEEP_INTERVAL_S)
+
+
+async def sweep_once(
+    svc: Any, *, queued_after_s: int = QUEUED_STALE_S, heartbeat_after_s: int = HEARTBEAT_STALE_S
+) -> int:
+    from appliance.jobs import service as jobs
+
+    async with svc.db.transaction() as session:
+        stale = await jobs.stale_jobs(
+            session, queued_after_s=queued_after_s, heartbeat_after_s=heartbeat_after_s
+        )
+    for job_id, tenant_id, kind in stale:
+        async with svc.db.transaction(tenant_id=tenant_id) as session:
+            await jobs.redrive(session, job_id, tenant_id, kind)
+    return len(stale)
+
+
+broker = RedisBroker(url=settings.redis_url, namespace="appliance")
+broker.add_middleware(Sweeper())
+dramatiq.set_broker(broker)
 
 
 @dramatiq.actor(queue_name="system", max_retries=0, time_limit=10_000)
@@ -36,30 +113,29 @@ def system_ping(token: str) -> None:
     log.info("ping", token=token)
 
 
+@dramatiq.actor(
+    queue_name="ingest", max_retries=50, min_backoff=2_000, max_backoff=300_000, time_limit=3_600_000
+)
+def ingest_version(tenant_id: str, job_id: str) -> None:
+    """Extract, chunk, embed and index one document version (see appliance.ingest.pipeline).
+
+    Retries (exponential backoff with jitter, Dramatiq's) are bounded by the job's own max_attempts,
+    after which the job is recorded as dead-lettered with its error."""
+    from appliance.ingest.pipeline import run_ingest
+
+    outcome = run_async(lambda svc: run_ingest(svc, uuid.UUID(tenant_id), uuid.UUID(job_id)))
+    log.info("ingest job", job_id=job_id, outcome=outcome)
+
+
 @dramatiq.actor(queue_name="maintenance", max_retries=10, min_backoff=2_000, max_backoff=300_000)
 def purge_document(tenant_id: str, document_id: str) -> None:
     """Remove a deleted document's blobs and rows (idempotent: a retry finds nothing left to do)."""
-    import asyncio
-    import uuid
-
-    from appliance.db.engine import Database
     from appliance.documents.service import Services
     from appliance.documents.service import purge_document as purge
-    from appliance.keys.keyring import Keyring
-    from appliance.storage.factory import build_store
 
-    async def run() -> int:
-        db = Database(settings.app_database_url, pool_size=1)
-        try:
-            svc = Services(
-                settings=settings,
-                db=db,
-                keyring=Keyring(settings.master_key_path),
-                store=build_store(settings),
-            )
-            return await purge(svc, uuid.UUID(tenant_id), uuid.UUID(document_id))
-        finally:
-            await db.dispose()
+    async def run(svc: Any) -> int:
+        docs = Services(settings=svc.settings, db=svc.db, keyring=svc.keyring, store=svc.store)
+        return await purge(docs, uuid.UUID(tenant_id), uuid.UUID(document_id))
 
-    removed = asyncio.run(run())
+    removed = run_async(run)
     log.info("purged document", document_id=document_id, versions=removed)

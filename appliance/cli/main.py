@@ -6,6 +6,7 @@ import typer
 
 from appliance.cli import audit as audit_cli
 from appliance.cli import db as db_cli
+from appliance.cli import jobs as jobs_cli
 from appliance.cli import keys as keys_cli
 from appliance.cli import models as models_cli
 from appliance.cli import server as server_cli
@@ -22,6 +23,7 @@ app.add_typer(tenants_cli.app, name="tenants", help="Create and list tenants.")
 app.add_typer(keys_cli.app, name="keys", help="Create, list and revoke API keys.")
 app.add_typer(audit_cli.app, name="audit", help="Verify the tamper-evident audit trail.")
 app.add_typer(db_cli.app, name="db", help="Database schema migrations.")
+app.add_typer(jobs_cli.app, name="jobs", help="List, show and retry background jobs.")
 
 app.command("up")(server_cli.up)
 app.command("down")(server_cli.down)

@@ -3,7 +3,19 @@
 from appliance.audit.models import AuditChainHead, AuditEvent
 from appliance.auth.models import ApiKey
 from appliance.documents.models import Document, DocumentVersion
+from appliance.ingest.models import Chunk
+from appliance.jobs.models import Job
 from appliance.keys.models import TenantKey
 from appliance.tenants.models import Tenant
 
-__all__ = ["ApiKey", "AuditChainHead", "AuditEvent", "Document", "DocumentVersion", "Tenant", "TenantKey"]
+__all__ = [
+    "ApiKey",
+    "AuditChainHead",
+    "AuditEvent",
+    "Chunk",
+    "Document",
+    "DocumentVersion",
+    "Job",
+    "Tenant",
+    "TenantKey",
+]

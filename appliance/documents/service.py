@@ -27,6 +27,7 @@ from appliance.documents.models import Document, DocumentVersion
 from appliance.documents.schemas import DocumentMetadata, DocumentOut, VersionOut
 from appliance.documents.upload import StagedBlob, new_ids, stage_upload
 from appliance.errors import AppError, NotFound
+from appliance.jobs.service import create_job
 from appliance.keys.envelope import BlobContext, BlobReader
 from appliance.keys.keyring import Keyring
 from appliance.keys.service import tenant_dek
@@ -292,6 +293,13 @@ async def upload_document(
                 session.add(version)
                 await session.flush()
                 await session.refresh(doc)
+                await create_job(
+                    session,
+                    kind="ingest",
+                    tenant_id=tenant_id,
+                    document_id=document_id,
+                    version_id=version_id,
+                )
                 audit.record(
                     session,
                     "document.upload",
@@ -377,6 +385,13 @@ async def add_version(
                 session.add(version)
                 doc.current_version = number
                 await session.flush()
+                await create_job(
+                    session,
+                    kind="ingest",
+                    tenant_id=tenant_id,
+                    document_id=document_id,
+                    version_id=version_id,
+                )
                 audit.record(
                     session,
                     "document.version_upload",
@@ -451,6 +466,8 @@ async def purge_document(svc: Services, tenant_id: uuid.UUID, document_id: uuid.
         )
         for v in versions:
             await anyio.to_thread.run_sync(svc.store.delete, v.object_key)
+            if v.text_object_key:
+                await anyio.to_thread.run_sync(svc.store.delete, v.text_object_key)
             await session.delete(v)
         doc.purged_at = datetime.now(UTC)
         doc.meta, doc.tags, doc.title = {}, [], None

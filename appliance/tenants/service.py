@@ -123,7 +123,8 @@ async def purge_deleted(session: AsyncSession, store: ObjectStore, tenant_id: uu
     if tenant.status != "deleted":
         raise AppError(f"Tenant {tenant.name} is not deleted.", code="tenant_not_deleted", status=409)
     await set_tenant(session, tenant_id)
-    keys = list((await session.execute(select(DocumentVersion.object_key))).scalars())
+    rows = (await session.execute(select(DocumentVersion.object_key, DocumentVersion.text_object_key))).all()
+    keys = [k for row in rows for k in row if k]
     for key in keys:
         await anyio.to_thread.run_sync(store.delete, key)
     await session.execute(delete(DocumentVersion))

@@ -69,6 +69,17 @@ def cli_env(home: Path) -> dict[str, str]:
     }
 
 
+def home_settings(home: Path):  # type: ignore[no-untyped-def]
+    """The settings the CLI sees for `home`, whatever this test process's environment says."""
+    env = cli_env(home)
+    return load_settings(
+        home=home,
+        api_port=int(env["APPLIANCE_API_PORT"]),
+        pg_port=int(env["APPLIANCE_PG_PORT"]),
+        redis_port=int(env["APPLIANCE_REDIS_PORT"]),
+    )
+
+
 def appliance(home: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "appliance.cli.main", *args],

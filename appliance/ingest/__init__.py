@@ -1,0 +1,1 @@
+"""Ingestion: extract → chunk → embed → index, run by the workers."""
