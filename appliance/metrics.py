@@ -4,6 +4,7 @@ the per-process files in $PROMETHEUS_MULTIPROC_DIR, which `appliance up` sets an
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -13,6 +14,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 HTTP_REQUESTS = Counter(
     "appliance_http_requests_total",
@@ -38,11 +40,51 @@ EMBEDDING_TOKENS = Counter("appliance_embedding_tokens_total", "Tokens embedded 
 AUTH_FAILURES = Counter("appliance_auth_failures_total", "Rejected API keys by reason.", ["reason"])
 
 
-def render() -> tuple[bytes, str]:
+QUEUES = ("ingest", "maintenance", "system")
+
+
+class QueueDepthCollector:
+    """Messages waiting in each Dramatiq queue (ready + delayed), read from Redis at scrape time."""
+
+    def __init__(self, redis_url: str, namespace: str = "appliance") -> None:
+        self.redis_url = redis_url
+        self.namespace = namespace
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        import redis
+
+        depth = GaugeMetricFamily(
+            "appliance_queue_depth", "Messages waiting per queue (ready + delayed).", labels=["queue"]
+        )
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=2)
+        try:
+            for queue in QUEUES:
+                total = 0
+                for key in (f"{self.namespace}:{queue}", f"{self.namespace}:{queue}.DQ"):
+                    total += int(client.llen(key) or 0)
+                depth.add_metric([queue], total)
+        except redis.RedisError:
+            return
+        finally:
+            client.close()
+        yield depth
+
+
+_single_process_queue_collector: QueueDepthCollector | None = None
+
+
+def render(redis_url: str | None = None) -> tuple[bytes, str]:
+    """The exposition text: every process's metrics under gunicorn, plus live queue depths."""
+    global _single_process_queue_collector
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        if redis_url:
+            registry.register(QueueDepthCollector(redis_url))  # type: ignore[arg-type]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     from prometheus_client import REGISTRY
 
+    if redis_url and _single_process_queue_collector is None:
+        _single_process_queue_collector = QueueDepthCollector(redis_url)
+        REGISTRY.register(_single_process_queue_collector)  # type: ignore[arg-type]
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

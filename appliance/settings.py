@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     blob_segment_bytes: int = 256 * 1024
     download_url_max_seconds: int = 7 * 24 * 3600
 
+    # Jobs: a running job whose heartbeat is older than this is re-driven (its worker died); a queued
+    # job not picked up for job_queued_stale_s is sent again; the sweeper looks every sweep_interval_s.
+    job_heartbeat_stale_s: int = 120
+    job_queued_stale_s: int = 600
+    sweep_interval_s: int = 30
+
     log_level: str = "INFO"
     log_json: bool = True
 

@@ -30,9 +30,6 @@ T = TypeVar("T")
 
 PING_KEY = "appliance:ping:{token}"
 SWEEP_LOCK = "appliance:sweeper"
-SWEEP_INTERVAL_S = 30
-QUEUED_STALE_S = 600
-HEARTBEAT_STALE_S = 120
 
 _local = threading.local()
 
@@ -63,7 +60,7 @@ async def _with_services(fn: Callable[[Any], Awaitable[T]]) -> T:
 
 
 class Sweeper(Middleware):
-    """After boot, every SWEEP_INTERVAL_S: re-enqueue jobs queued for too long or running with a stale
+    """After boot, every `sweep_interval_s`: re-enqueue jobs queued for too long or running with a stale
     heartbeat (their worker was killed). A Redis lock keeps one sweep at a time across processes."""
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
@@ -73,23 +70,23 @@ class Sweeper(Middleware):
         client = redis.Redis.from_url(settings.redis_url)
         while True:
             try:
-                if client.set(SWEEP_LOCK, "1", nx=True, ex=SWEEP_INTERVAL_S - 1):
+                if client.set(SWEEP_LOCK, "1", nx=True, ex=max(1, settings.sweep_interval_s - 1)):
                     redriven = run_async(sweep_once)
                     if redriven:
                         log.info("sweeper re-drove jobs", count=redriven)
             except Exception as exc:  # never let the sweeper die
                 log.warning("sweep failed", error=str(exc)[:300])
-            time.sleep(SWEEP_INTERVAL_S)
+            time.sleep(settings.sweep_interval_s)
 
 
-async def sweep_once(
-    svc: Any, *, queued_after_s: int = QUEUED_STALE_S, heartbeat_after_s: int = HEARTBEAT_STALE_S
-) -> int:
+async def sweep_once(svc: Any) -> int:
     from appliance.jobs import service as jobs
 
     async with svc.db.transaction() as session:
         stale = await jobs.stale_jobs(
-            session, queued_after_s=queued_after_s, heartbeat_after_s=heartbeat_after_s
+            session,
+            queued_after_s=settings.job_queued_stale_s,
+            heartbeat_after_s=settings.job_heartbeat_stale_s,
         )
     for job_id, tenant_id, kind in stale:
         async with svc.db.transaction(tenant_id=tenant_id) as session:

@@ -76,6 +76,6 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics.", include_in_schema=False)
-async def prometheus_metrics() -> Response:
-    body, content_type = metrics.render()
+async def prometheus_metrics(request: Request) -> Response:
+    body, content_type = await asyncio.to_thread(metrics.render, request.app.state.settings.redis_url)
     return Response(body, media_type=content_type, headers={"Cache-Control": "no-store"})

@@ -38,7 +38,6 @@ from appliance.settings import Settings
 from appliance.storage.base import ObjectStore
 
 log = get_logger("appliance.ingest")
-HEARTBEAT_STALE = timedelta(minutes=2)
 TERMINAL = ("succeeded", "failed", "dead")
 
 
@@ -103,7 +102,8 @@ async def _claim(
         if job is None or job.status in TERMINAL:
             return None
         now = datetime.now(UTC)
-        if job.status == "running" and job.heartbeat_at and now - job.heartbeat_at < HEARTBEAT_STALE:
+        stale = timedelta(seconds=svc.settings.job_heartbeat_stale_s)
+        if job.status == "running" and job.heartbeat_at and now - job.heartbeat_at < stale:
             return None  # another worker holds it; the sweeper re-drives it if that worker dies
         version = (
             await session.execute(select(DocumentVersion).where(DocumentVersion.id == job.version_id))
@@ -318,8 +318,8 @@ async def _index(
     if current is None or current.deleted_at is not None:
         raise PermanentError("document_deleted", "The document was deleted while it was being ingested.")
     await session.execute(delete(Chunk).where(Chunk.version_id == version.id))
-    for row in rows:  # one statement per row: each tsvector is computed from its own text
-        await session.execute(insert(Chunk).values(**row))
+    for start in range(0, len(rows), 500):  # batched: one INSERT per 500 chunks (each tsvector from its text)
+        await session.execute(insert(Chunk).values(rows[start : start + 500]))
     now = datetime.now(UTC)
     current.ingest_status, current.ingest_error = "ready", None
     job = await session.get(Job, job_id)

@@ -158,6 +158,7 @@ async def test_health_ready_and_metrics(client: httpx.AsyncClient) -> None:
     assert set(r.json()["checks"]) == {"postgres", "redis", "object_store", "models"}
     r = await client.get("/metrics")
     assert r.status_code == 200 and "appliance_http_requests_total" in r.text
+    assert 'appliance_queue_depth{queue="ingest"}' in r.text
 
 
 def owner_conninfo(settings: Settings) -> str:
