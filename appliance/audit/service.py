@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from appliance.audit.chain import VerifyResult, link_hash, verify_chain
+from appliance.audit.chain import CHAINED_FIELDS, VerifyResult, link_hash, verify_chain
 from appliance.audit.models import AuditChainHead, AuditEvent
 from appliance.context import Actor, actor_var, client_addr_var, request_id_var
 from appliance.db.engine import TENANT_GUC
@@ -127,25 +127,7 @@ async def _set_guc(session: AsyncSession, tenant_id: uuid.UUID | None) -> None:
 
 # Verification (as the owner role, which sees every tenant's rows) -----------------------------
 
-_COLUMNS = ", ".join(
-    [
-        "seq",
-        "id",
-        "occurred_at",
-        "tenant_id",
-        "actor_type",
-        "actor_id",
-        "action",
-        "resource_type",
-        "resource_id",
-        "outcome",
-        "request_id",
-        "client_addr",
-        "details",
-        "prev_hash",
-        "hash",
-    ]
-)
+_COLUMNS = ", ".join([*CHAINED_FIELDS, "prev_hash", "hash"])
 
 
 def iter_rows(conn: Connection, *, batch: int = 5000) -> Iterator[dict[str, Any]]:

@@ -40,3 +40,13 @@ def enable_tenant_rls(table: str, *, allow_null_tenant: bool = False) -> list[st
         f"CREATE POLICY tenant_isolation ON {t} AS PERMISSIVE FOR ALL TO PUBLIC "
         f"USING (tenant_id = app_current_tenant()) WITH CHECK ({check})",
     ]
+
+
+def app_role_ident() -> str:
+    """The application role's quoted name, for GRANTs in migrations (from the settings Alembic runs with)."""
+    from alembic import context
+
+    from appliance.settings import get_settings
+
+    settings = context.config.attributes.get("settings") or get_settings()
+    return quote_ident(settings.pg_app_user)

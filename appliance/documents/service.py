@@ -10,10 +10,10 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from pydantic import ValidationError
@@ -242,6 +242,68 @@ async def _existing(svc: Services, tenant_id: uuid.UUID, dup: DocumentVersion) -
         return document_out(doc, current), False
 
 
+T = TypeVar("T")
+
+
+async def _add_version_row(
+    session: AsyncSession,
+    staged: StagedBlob,
+    key: str,
+    tenant_id: uuid.UUID,
+    document_id: uuid.UUID,
+    version_id: uuid.UUID,
+    number: int,
+    actor_key: uuid.UUID | None,
+) -> DocumentVersion:
+    """Insert a version and, in the same transaction, the job that will ingest it (the outbox)."""
+    version = DocumentVersion(
+        id=version_id,
+        tenant_id=tenant_id,
+        document_id=document_id,
+        version=number,
+        content_sha256=staged.sha256,
+        size=staged.size,
+        content_type=staged.content_type,
+        source_filename=staged.filename,
+        object_key=key,
+        stored_size=staged.stored_size,
+        created_by=actor_key,
+        created_at=datetime.now(UTC),
+    )
+    session.add(version)
+    await session.flush()
+    await create_job(
+        session, kind="ingest", tenant_id=tenant_id, document_id=document_id, version_id=version_id
+    )
+    return version
+
+
+async def _commit_blob(
+    svc: Services,
+    staged: StagedBlob,
+    tenant_id: uuid.UUID,
+    write: Callable[[AsyncSession, str], Awaitable[T]],
+    on_duplicate: Callable[[DocumentVersion], Awaitable[tuple[T, bool]]],
+) -> tuple[T, bool]:
+    """Store the staged blob, then commit its rows (`write`). If the same bytes were committed
+    concurrently (the dedup index refuses ours), drop our blob and answer with theirs."""
+    key = await _store_blob(svc, staged)
+    try:
+        async with svc.db.transaction(tenant_id=tenant_id) as session:
+            result = await write(session, key)
+        return result, True
+    except IntegrityError:
+        await anyio.to_thread.run_sync(svc.store.delete, key)
+        async with svc.db.transaction(tenant_id=tenant_id) as session:
+            dup = await _find_duplicate(session, staged.sha256)
+        if dup is None:
+            raise
+        return await on_duplicate(dup)
+    except BaseException:
+        await anyio.to_thread.run_sync(svc.store.delete, key)
+        raise
+
+
 async def upload_document(
     svc: Services,
     *,
@@ -261,70 +323,38 @@ async def upload_document(
             dup = await _find_duplicate(session, staged.sha256)
         if dup is not None:
             return await _existing(svc, tenant_id, dup)
-        key = await _store_blob(svc, staged)
-        try:
-            async with svc.db.transaction(tenant_id=tenant_id) as session:
-                now = datetime.now(UTC)
-                doc = Document(
-                    id=document_id,
-                    tenant_id=tenant_id,
-                    title=meta.title or staged.filename,
-                    tags=meta.tags,
-                    meta=meta.extra,
-                    created_by=actor_key,
-                    current_version=1,
-                )
-                version = DocumentVersion(
-                    id=version_id,
-                    tenant_id=tenant_id,
-                    document_id=document_id,
-                    version=1,
-                    content_sha256=staged.sha256,
-                    size=staged.size,
-                    content_type=staged.content_type,
-                    source_filename=staged.filename,
-                    object_key=key,
-                    stored_size=staged.stored_size,
-                    created_by=actor_key,
-                    created_at=now,
-                )
-                session.add(doc)
-                await session.flush()
-                session.add(version)
-                await session.flush()
-                await session.refresh(doc)
-                await create_job(
-                    session,
-                    kind="ingest",
-                    tenant_id=tenant_id,
-                    document_id=document_id,
-                    version_id=version_id,
-                )
-                audit.record(
-                    session,
-                    "document.upload",
-                    resource_type="document",
-                    resource_id=document_id,
-                    details={
-                        "version_id": str(version_id),
-                        "size": staged.size,
-                        "content_type": staged.content_type,
-                        "sha256": staged.sha256.hex(),
-                    },
-                )
-                out = document_out(doc, version)
-        except IntegrityError:
-            # The same bytes committed concurrently: keep theirs, drop ours.
-            await anyio.to_thread.run_sync(svc.store.delete, key)
-            async with svc.db.transaction(tenant_id=tenant_id) as session:
-                dup = await _find_duplicate(session, staged.sha256)
-            if dup is None:
-                raise
-            return await _existing(svc, tenant_id, dup)
-        except BaseException:
-            await anyio.to_thread.run_sync(svc.store.delete, key)
-            raise
-        return out, True
+
+        async def write(session: AsyncSession, key: str) -> DocumentOut:
+            doc = Document(
+                id=document_id,
+                tenant_id=tenant_id,
+                title=meta.title or staged.filename,
+                tags=meta.tags,
+                meta=meta.extra,
+                created_by=actor_key,
+                current_version=1,
+            )
+            session.add(doc)
+            await session.flush()
+            version = await _add_version_row(
+                session, staged, key, tenant_id, document_id, version_id, 1, actor_key
+            )
+            await session.refresh(doc)
+            audit.record(
+                session,
+                "document.upload",
+                resource_type="document",
+                resource_id=document_id,
+                details={
+                    "version_id": str(version_id),
+                    "size": staged.size,
+                    "content_type": staged.content_type,
+                    "sha256": staged.sha256.hex(),
+                },
+            )
+            return document_out(doc, version)
+
+        return await _commit_blob(svc, staged, tenant_id, write, lambda dup: _existing(svc, tenant_id, dup))
     finally:
         staged.discard()
 
@@ -355,66 +385,40 @@ async def add_version(
                     details={"deduplicated": True, "version_id": str(dup.id)},
                 )
                 return version_out(dup), False
-        key = await _store_blob(svc, staged)
-        try:
-            async with svc.db.transaction(tenant_id=tenant_id) as session:
-                doc = (
-                    await session.execute(
-                        select(Document)
-                        .where(Document.id == document_id, Document.status == "active")
-                        .with_for_update()
-                    )
-                ).scalar_one_or_none()
-                if doc is None:
-                    raise NotFound(f"No document {document_id}.", code="document_not_found")
-                number = doc.current_version + 1
-                version = DocumentVersion(
-                    id=version_id,
-                    tenant_id=tenant_id,
-                    document_id=document_id,
-                    version=number,
-                    content_sha256=staged.sha256,
-                    size=staged.size,
-                    content_type=staged.content_type,
-                    source_filename=staged.filename,
-                    object_key=key,
-                    stored_size=staged.stored_size,
-                    created_by=actor_key,
-                    created_at=datetime.now(UTC),
+
+        async def write(session: AsyncSession, key: str) -> VersionOut:
+            doc = (
+                await session.execute(
+                    select(Document)
+                    .where(Document.id == document_id, Document.status == "active")
+                    .with_for_update()
                 )
-                session.add(version)
-                doc.current_version = number
-                await session.flush()
-                await create_job(
-                    session,
-                    kind="ingest",
-                    tenant_id=tenant_id,
-                    document_id=document_id,
-                    version_id=version_id,
-                )
-                audit.record(
-                    session,
-                    "document.version_upload",
-                    resource_type="document",
-                    resource_id=document_id,
-                    details={
-                        "version_id": str(version_id),
-                        "version": number,
-                        "size": staged.size,
-                        "sha256": staged.sha256.hex(),
-                    },
-                )
-                return version_out(version), True
-        except IntegrityError:
-            await anyio.to_thread.run_sync(svc.store.delete, key)
-            async with svc.db.transaction(tenant_id=tenant_id) as session:
-                dup = await _find_duplicate(session, staged.sha256)
-            if dup is None:
-                raise
+            ).scalar_one_or_none()
+            if doc is None:
+                raise NotFound(f"No document {document_id}.", code="document_not_found")
+            number = doc.current_version + 1
+            version = await _add_version_row(
+                session, staged, key, tenant_id, document_id, version_id, number, actor_key
+            )
+            doc.current_version = number
+            audit.record(
+                session,
+                "document.version_upload",
+                resource_type="document",
+                resource_id=document_id,
+                details={
+                    "version_id": str(version_id),
+                    "version": number,
+                    "size": staged.size,
+                    "sha256": staged.sha256.hex(),
+                },
+            )
+            return version_out(version)
+
+        async def duplicate(dup: DocumentVersion) -> tuple[VersionOut, bool]:
             return version_out(dup), False
-        except BaseException:
-            await anyio.to_thread.run_sync(svc.store.delete, key)
-            raise
+
+        return await _commit_blob(svc, staged, tenant_id, write, duplicate)
     finally:
         staged.discard()
 

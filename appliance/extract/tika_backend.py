@@ -5,12 +5,19 @@ is the worker itself: a total deadline and a cap on the response size (both enfo
 streams in), and Tika's answers mapped to our error codes. Uses the `tika` PyPI client in client-only
 mode (it never looks for, downloads or starts a jar), against `/rmeta/xml`: the XHTML keeps Tika's
 `<div class="page">` (PDF) and `<div class="slide-content">` (PPTX) boundaries, which become pages.
+
+Each endpoint has a circuit breaker (`breaker_for`): after FAIL_MAX calls in a row that found the
+server unreachable or answering 429/5xx-busy (`backend_unavailable`), calls fail at once with
+`TikaCircuitOpen` (an `ExtractionError("backend_unavailable")`, transient) and no network request
+for RESET_TIMEOUT_S, then one trial call goes through. Per-document outcomes (a timeout on a slow
+file, a corrupt or oversized document) do not count: they say nothing about the server's health.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from html.parser import HTMLParser
@@ -18,9 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from appliance.extract.base import ExtractionError, FormatSpec, Limits, RawResult
+from appliance.resilience import CircuitBreaker, CircuitOpen, open_message
 
 BACKEND = "tika"
 CONNECT_TIMEOUT_S = 5.0
+FAIL_MAX = 5
+RESET_TIMEOUT_S = 30.0
+WINDOW_S = 60.0
 _PAGE_CLASSES = {"page", "slide-content"}
 _BLOCKS = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "table", "pre", "blockquote"}
 _SKIP = {"head", "script", "style", "title"}
@@ -32,6 +43,50 @@ class _ResponseTooLarge(Exception):
 
 class _DeadlineExceeded(Exception):
     pass
+
+
+class TikaCircuitOpen(ExtractionError, CircuitOpen):
+    """The Tika server's circuit is open: the document was not sent (transient, retry later)."""
+
+    def __init__(self, dependency: str, retry_in: float) -> None:
+        super().__init__("backend_unavailable", open_message(dependency, retry_in))
+        self.dependency = dependency
+        self.retry_in = retry_in
+
+
+def _is_tika_failure(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, ExtractionError)
+        and not isinstance(exc, CircuitOpen)
+        and exc.code == "backend_unavailable"
+    )
+
+
+_breakers: dict[str, CircuitBreaker] = {}
+_breakers_lock = threading.Lock()
+
+
+def breaker_for(endpoint: str) -> CircuitBreaker:
+    """The process-wide breaker of one Tika endpoint (made on first use)."""
+    endpoint = endpoint.rstrip("/")
+    with _breakers_lock:
+        breaker = _breakers.get(endpoint)
+        if breaker is None:
+            breaker = _breakers[endpoint] = CircuitBreaker(
+                f"Tika server at {endpoint}",
+                is_failure=_is_tika_failure,
+                open_error=TikaCircuitOpen,
+                fail_max=FAIL_MAX,
+                reset_timeout_s=RESET_TIMEOUT_S,
+                window_s=WINDOW_S,
+            )
+        return breaker
+
+
+def reset_breakers() -> None:
+    """Forget every endpoint's breaker state (tests; an operator who knows Tika is back)."""
+    with _breakers_lock:
+        _breakers.clear()
 
 
 def _parser_module() -> Any:
@@ -71,6 +126,14 @@ def _capped_body(cap: int, deadline: float) -> Callable[..., Any]:
 
 
 def extract_with_tika(path: Path, spec: FormatSpec, endpoint: str, *, limits: Limits) -> RawResult:
+    """Send the file to Tika through the endpoint's breaker (open: TikaCircuitOpen, no request)."""
+    status, body = breaker_for(endpoint).call(_request, path, spec, endpoint, limits)
+    return _result(status, body, spec)
+
+
+def _request(path: Path, spec: FormatSpec, endpoint: str, limits: Limits) -> tuple[int, str]:
+    """One PUT to Tika: (status, body), or ExtractionError. Busy answers (429, 5xx-busy) are raised
+    here, inside the breaker, so they count; other statuses are mapped by `_result` outside it."""
     import requests
 
     parser = _parser_module()
@@ -97,13 +160,22 @@ def extract_with_tika(path: Path, spec: FormatSpec, endpoint: str, *, limits: Li
             )
     except _ResponseTooLarge:
         raise ExtractionError("too_large", f"Tika response over {cap} bytes") from None
+    except requests.ConnectTimeout as exc:  # never connected: the server, not the document
+        raise ExtractionError("backend_unavailable", f"Tika server unreachable: {exc}") from None
     except (_DeadlineExceeded, requests.Timeout):
         raise ExtractionError("timeout", f"Tika took over {limits.timeout_s:g} s") from None
     except requests.ConnectionError as exc:
         raise ExtractionError("backend_unavailable", f"Tika server unreachable: {exc}") from None
     except requests.RequestException as exc:
         raise ExtractionError("backend_unavailable", f"Tika request failed: {exc}") from None
-    return _result(int(status), body if isinstance(body, str) else body.decode("utf-8", "replace"), spec)
+    status = int(status)
+    text = body if isinstance(body, str) else body.decode("utf-8", "replace")
+    if status in _BUSY_STATUSES:
+        raise _status_error(status, text)
+    return status, text
+
+
+_BUSY_STATUSES = frozenset({404, 405, 429, 502, 503, 504})  # mapped to backend_unavailable below
 
 
 def _status_error(status: int, body: str) -> ExtractionError:

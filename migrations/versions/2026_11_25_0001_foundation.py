@@ -8,24 +8,15 @@ Create Date: 2026-11-25
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import context, op
+from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from appliance.db.rls import CURRENT_TENANT_FN, enable_tenant_rls, quote_ident
+from appliance.db.rls import CURRENT_TENANT_FN, app_role_ident, enable_tenant_rls
 
 revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
-
-
-def _app_role() -> str:
-    settings = context.config.attributes.get("settings")
-    if settings is None:
-        from appliance.settings import get_settings
-
-        settings = get_settings()
-    return quote_ident(settings.pg_app_user)
 
 
 def _timestamps() -> list[sa.Column]:
@@ -36,7 +27,7 @@ def _timestamps() -> list[sa.Column]:
 
 
 def upgrade() -> None:
-    app = _app_role()
+    app = app_role_ident()
     op.execute(CURRENT_TENANT_FN)
 
     op.create_table(

@@ -8,24 +8,15 @@ Create Date: 2026-11-25
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import context, op
+from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from appliance.db.rls import enable_tenant_rls, quote_ident
+from appliance.db.rls import app_role_ident, enable_tenant_rls
 
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None
-
-
-def _app_role() -> str:
-    settings = context.config.attributes.get("settings")
-    if settings is None:
-        from appliance.settings import get_settings
-
-        settings = get_settings()
-    return quote_ident(settings.pg_app_user)
 
 
 def _timestamps() -> list[sa.Column]:
@@ -36,7 +27,7 @@ def _timestamps() -> list[sa.Column]:
 
 
 def upgrade() -> None:
-    app = _app_role()
+    app = app_role_ident()
     op.drop_constraint(op.f("ck_tenants_status_known"), "tenants", type_="check")
     op.create_check_constraint("status_known", "tenants", "status IN ('active', 'suspended', 'deleted')")
     op.add_column("tenants", sa.Column("deleted_at", sa.DateTime(timezone=True)))

@@ -8,11 +8,11 @@ Create Date: 2026-11-25
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import context, op
+from alembic import op
 from pgvector.sqlalchemy import Vector
 from sqlalchemy.dialects import postgresql
 
-from appliance.db.rls import enable_tenant_rls, quote_ident
+from appliance.db.rls import app_role_ident, enable_tenant_rls
 
 revision = "0003"
 down_revision = "0002"
@@ -22,17 +22,8 @@ depends_on = None
 EMBEDDING_DIMENSIONS = 384  # all-minilm-l6-v2; a model with another size gets its own column by migration
 
 
-def _app_role() -> str:
-    settings = context.config.attributes.get("settings")
-    if settings is None:
-        from appliance.settings import get_settings
-
-        settings = get_settings()
-    return quote_ident(settings.pg_app_user)
-
-
 def upgrade() -> None:
-    app = _app_role()
+    app = app_role_ident()
     op.execute("UPDATE document_versions SET ingest_status = 'queued' WHERE ingest_status = 'stored'")
     op.alter_column("document_versions", "ingest_status", server_default="queued")
     op.create_check_constraint(

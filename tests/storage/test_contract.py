@@ -40,6 +40,7 @@ from appliance.storage import (
     StorageUnavailable,
     build_store,
 )
+from appliance.storage.breaker import BreakerStore
 from tests.storage.conftest import RGW, free_port
 
 MiB = 1 << 20
@@ -590,8 +591,8 @@ def test_factory_builds_s3_from_settings(rgw: RGW, tmp_path: Path) -> None:
     )
     try:
         store = build_store(settings)
-        assert isinstance(store, S3Store)
-        assert store.bucket == bucket and store.name == "s3"
+        assert isinstance(store, BreakerStore) and isinstance(store.inner, S3Store)
+        assert store.inner.bucket == bucket and store.name == "s3"
         store.check()
         assert rgw.secret_key not in repr(store) and rgw.secret_key not in repr(settings)
     finally:
