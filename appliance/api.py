@@ -227,7 +227,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.db = Database(settings.app_database_url, pool_size=settings.db_pool_size)
         app.state.redis = aioredis.from_url(settings.redis_url, socket_timeout=5, health_check_interval=30)
         app.state.store = build_store(settings)
-        app.state.keyring = Keyring(settings.master_key_path)
+        app.state.keyring = Keyring.from_settings(settings)
         app.state.url_signer = UrlSigner.from_file(settings.url_signing_key_path)
         app.state.documents = Services(
             settings=settings, db=app.state.db, keyring=app.state.keyring, store=app.state.store

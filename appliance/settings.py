@@ -77,6 +77,9 @@ class Settings(BaseSettings):
 
     # Keys.
     master_key_file: Path | None = None
+    # Alternative to the key file: derive the master key from a passphrase (Argon2id). Supply it at
+    # start (environment or a secrets file), never in appliance.env.
+    master_key_passphrase: SecretStr | None = None
 
     # Documents.
     max_upload_bytes: int = 2 * 1024**3

@@ -53,7 +53,7 @@ async def _with_services(fn: Callable[[Any], Awaitable[T]]) -> T:
         services = _local.services = WorkerServices(
             settings=settings,
             db=Database(settings.app_database_url, pool_size=2),
-            keyring=Keyring(settings.master_key_path),
+            keyring=Keyring.from_settings(settings),
             store=build_store(settings),
         )
     return await fn(services)

@@ -20,7 +20,7 @@ from appliance.settings import get_settings
 def _keyring() -> Keyring:
     settings = get_settings()
     try:
-        return Keyring(settings.master_key_path)
+        return Keyring.from_settings(settings)
     except (UnknownKek, KeyProviderError, OSError) as exc:
         fail(f"cannot load the master key: {exc}")
 
@@ -32,6 +32,8 @@ def rotate_master(batch_size: int = typer.Option(100, "--batch-size", min=1)) ->
 
     settings = get_settings()
     keyring = _keyring()
+    if keyring.passphrase_mode:
+        fail("the master key comes from a passphrase: rotating it to a new passphrase is not supported yet")
     ident = identity_for(settings)
     engine = create_engine(settings.owner_database_url, pool_size=1)
     try:

@@ -192,6 +192,7 @@ def prepare(settings: Settings) -> tuple[Settings, ServiceIdentity]:
     settings = settings.model_copy(update={"home": Path(os.path.abspath(settings.home))})
     prepare_home(settings, ident)
     settings = ensure_secrets(settings, ident)
-    ensure_master_key(settings, ident)
+    if settings.master_key_passphrase is None:  # otherwise the master key is derived, never stored
+        ensure_master_key(settings, ident)
     ensure_signing_key(settings, ident)
     return settings, ident
