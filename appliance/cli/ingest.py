@@ -153,9 +153,17 @@ def _body(fh: Any, on_bytes: Any) -> Iterator[bytes]:
         yield block
 
 
+RETRIES = 3  # attempts for network errors, 429 and 5xx; 4xx (but 429) are final at once
+
+
+def _retryable(r: httpx.Response) -> bool:
+    return r.status_code == 429 or r.status_code >= 500
+
+
 def upload_one(
     client: httpx.Client, headers: dict[str, str], path: Path, state: State, on_bytes: Any
 ) -> Outcome:
+    """Stream one file to the API (a new version of its document if the state knows one)."""
     key = str(path.absolute())
     out = Outcome(path)
     sent = 0
@@ -165,22 +173,37 @@ def upload_one(
         sent += n
         on_bytes(n)
 
+    def rewind(fh: Any) -> None:
+        nonlocal sent
+        fh.seek(0)
+        on_bytes(-sent)
+        sent = 0
+
     try:
         with path.open("rb") as fh:
             st = os.fstat(fh.fileno())
             out.size = st.st_size
             h = {**headers, "X-Filename": path.name}
-            previous = state.document_id(key)
+            target = f"/api/v1/documents/{doc}/versions" if (doc := state.document_id(key)) else None
             r: httpx.Response | None = None
-            if previous:
-                r = client.post(f"/api/v1/documents/{previous}/versions", content=_body(fh, count), headers=h)
-                if r.status_code == 404:  # deleted meanwhile: upload as a new document
-                    fh.seek(0)
-                    on_bytes(-sent)
-                    sent = 0
-                    r = None
-            if r is None:
-                r = client.post("/api/v1/documents", content=_body(fh, count), headers=h)
+            for attempt in range(1, RETRIES + 1):
+                if sent:
+                    rewind(fh)
+                try:
+                    r = client.post(target or "/api/v1/documents", content=_body(fh, count), headers=h)
+                except httpx.TransportError:
+                    if attempt == RETRIES:
+                        raise
+                    time.sleep(attempt)
+                    continue
+                if target and r.status_code == 404:  # the document was deleted: upload it anew
+                    target = None
+                    rewind(fh)
+                    r = client.post("/api/v1/documents", content=_body(fh, count), headers=h)
+                if not _retryable(r) or attempt == RETRIES:
+                    break
+                time.sleep(attempt)
+        assert r is not None
         if r.status_code not in (200, 201):
             out.error = _problem(r)
             return out
@@ -191,14 +214,14 @@ def upload_one(
         else:
             out.document_id, out.version_id = data["document_id"], data["id"]
         out.created = r.status_code == 201
-        state.record(key, st, out.document_id)  # type: ignore[arg-type]
+        state.record(key, st, data.get("document_id") or data["id"])
     except OSError as exc:
         out.error = f"unreadable: {exc.strerror or exc}"
     except httpx.HTTPError as exc:
         out.error = f"network: {type(exc).__name__}: {exc}"
     finally:
         if out.error and sent:
-            on_bytes(-sent)  # keep the byte total honest for files that did not make it
+            on_bytes(-sent)  # the bar counts bytes stored; the caller takes the file out of the total
     return out
 
 
@@ -320,7 +343,8 @@ def ingest(
                 console=err_console,
             ) as progress:
                 # One row: the bar and rate follow bytes, the file counter is a field.
-                task = progress.add_task("upload", total=sum(s for _, s in todo), files=0, of=len(todo))
+                sizes = dict(todo)
+                task = progress.add_task("upload", total=sum(sizes.values()), files=0, of=len(todo))
 
                 def on_bytes(n: int) -> None:
                     progress.advance(task, n)
@@ -333,6 +357,8 @@ def ingest(
                         out = fut.result()
                         progress.update(task, files=progress.tasks[0].fields["files"] + 1)
                         if out.error:
+                            total = progress.tasks[0].total or 0
+                            progress.update(task, total=max(0, total - sizes[out.path]))
                             summary.errors.append(out)
                             progress.console.print(f"[red]failed[/] {out.path}: {out.error}", highlight=False)
                         else:

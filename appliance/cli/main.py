@@ -6,6 +6,7 @@ import typer
 
 from appliance.cli import audit as audit_cli
 from appliance.cli import db as db_cli
+from appliance.cli import ingest as ingest_cli
 from appliance.cli import jobs as jobs_cli
 from appliance.cli import keys as keys_cli
 from appliance.cli import models as models_cli
@@ -28,6 +29,7 @@ app.add_typer(jobs_cli.app, name="jobs", help="List, show and retry background j
 app.command("up")(server_cli.up)
 app.command("down")(server_cli.down)
 app.command("status")(server_cli.status)
+app.command("ingest")(ingest_cli.ingest)
 
 
 def main() -> None:
