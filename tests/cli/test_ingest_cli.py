@@ -21,7 +21,7 @@ import typer
 from typer.testing import CliRunner
 
 from appliance.cli.ingest import ingest
-from tests.e2e.test_up import KEY_RE, appliance, cli_env
+from tests.e2e.test_up import appliance_with_tenant
 
 pytestmark = pytest.mark.slow
 
@@ -40,23 +40,8 @@ DOCS = {
 @pytest.fixture(scope="module")
 def running() -> Iterator[tuple[str, str]]:
     """(API URL, editor key of a fresh tenant)."""
-    home = Path(tempfile.mkdtemp(prefix="appliance-ingest-cli-", dir="/var/tmp"))
-    os.chmod(home, 0o755)
-    out = appliance(home, "up", "--detach", "--timeout", "200")
-    assert out.returncode == 0, out.stdout + out.stderr
-    key = KEY_RE.search(out.stdout).group(1)  # type: ignore[union-attr]
-    api = f"http://127.0.0.1:{cli_env(home)['APPLIANCE_API_PORT']}"
-    with httpx.Client(base_url=api, timeout=30) as c:
-        sys_h = {"Authorization": f"Bearer {key}"}
-        tenant = c.post("/api/v1/tenants", json={"name": "cli-ingest"}, headers=sys_h).json()
-        editor = c.post(
-            "/api/v1/keys", json={"name": "e", "role": "editor", "tenant_id": tenant["id"]}, headers=sys_h
-        ).json()["key"]
-    try:
+    with appliance_with_tenant("appliance-ingest-cli-", "cli-ingest") as (_, api, editor):
         yield api, editor
-    finally:
-        appliance(home, "down")
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

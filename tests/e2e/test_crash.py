@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import psutil
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.e2e.test_up import KEY_RE, appliance, cli_env, home_settings
+from tests.e2e.test_up import appliance, appliance_with_tenant, home_settings
 
 pytestmark = pytest.mark.slow
 
@@ -40,27 +38,11 @@ def long_text(paragraphs: int, seed: int) -> str:
 
 @pytest.fixture
 def running() -> Iterator[tuple[Path, str, dict[str, str]]]:
-    home = Path(tempfile.mkdtemp(prefix="appliance-crash-", dir="/var/tmp"))
-    os.chmod(home, 0o755)
-    env_file = home / "appliance.env"  # settings picked up by every process of this home
-    env_file.write_text(
+    fast_sweeps = (
         "APPLIANCE_JOB_HEARTBEAT_STALE_S=5\nAPPLIANCE_SWEEP_INTERVAL_S=2\nAPPLIANCE_JOB_QUEUED_STALE_S=5\n"
     )
-    out = appliance(home, "up", "--detach", "--timeout", "200")
-    assert out.returncode == 0, out.stdout + out.stderr
-    key = KEY_RE.search(out.stdout).group(1)  # type: ignore[union-attr]
-    api = f"http://127.0.0.1:{cli_env(home)['APPLIANCE_API_PORT']}"
-    with httpx.Client(base_url=api, timeout=30) as c:
-        sys_h = {"Authorization": f"Bearer {key}"}
-        tenant = c.post("/api/v1/tenants", json={"name": "crash"}, headers=sys_h).json()
-        editor = c.post(
-            "/api/v1/keys", json={"name": "e", "role": "editor", "tenant_id": tenant["id"]}, headers=sys_h
-        ).json()["key"]
-    try:
+    with appliance_with_tenant("appliance-crash-", "crash", env_file=fast_sweeps) as (home, api, editor):
         yield home, api, {"Authorization": f"Bearer {editor}"}
-    finally:
-        appliance(home, "down")
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def job_of(c: httpx.Client, h: dict[str, str], doc_id: str) -> dict:

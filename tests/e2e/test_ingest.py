@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.e2e.test_up import KEY_RE, appliance, cli_env, home_settings
+from tests.e2e.test_up import appliance_with_tenant, home_settings
 
 pytestmark = pytest.mark.slow
 
@@ -41,23 +39,8 @@ Incident records are kept for seven years and then destroyed.
 
 @pytest.fixture(scope="module")
 def running() -> Iterator[tuple[Path, str, dict[str, str]]]:
-    home = Path(tempfile.mkdtemp(prefix="appliance-ingest-", dir="/var/tmp"))
-    os.chmod(home, 0o755)
-    out = appliance(home, "up", "--detach", "--timeout", "200")
-    assert out.returncode == 0, out.stdout + out.stderr
-    key = KEY_RE.search(out.stdout).group(1)  # type: ignore[union-attr]
-    api = f"http://127.0.0.1:{cli_env(home)['APPLIANCE_API_PORT']}"
-    with httpx.Client(base_url=api, timeout=30) as c:
-        sys_h = {"Authorization": f"Bearer {key}"}
-        tenant = c.post("/api/v1/tenants", json={"name": "ingest-e2e"}, headers=sys_h).json()
-        editor = c.post(
-            "/api/v1/keys", json={"name": "e", "role": "editor", "tenant_id": tenant["id"]}, headers=sys_h
-        ).json()["key"]
-    try:
+    with appliance_with_tenant("appliance-ingest-", "ingest-e2e") as (home, api, editor):
         yield home, api, {"Authorization": f"Bearer {editor}"}
-    finally:
-        appliance(home, "down")
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def wait_for(client: httpx.Client, headers: dict[str, str], doc_id: str, timeout: float = 180) -> dict:

@@ -6,6 +6,7 @@ directory on free ports, talks to the API over TCP, and checks a real worker con
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -78,6 +79,32 @@ def home_settings(home: Path):  # type: ignore[no-untyped-def]
         pg_port=int(env["APPLIANCE_PG_PORT"]),
         redis_port=int(env["APPLIANCE_REDIS_PORT"]),
     )
+
+
+@contextlib.contextmanager
+def appliance_with_tenant(prefix: str, tenant: str, *, env_file: str = "") -> Iterator[tuple[Path, str, str]]:
+    """A real `appliance up --detach` in a fresh home, a tenant and an editor key for it:
+    yields (home, API URL, editor key); `down` and removes the home afterwards. `env_file` lines are
+    written to the home's appliance.env first (settings every process of that home reads)."""
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    os.chmod(home, 0o755)
+    if env_file:
+        (home / "appliance.env").write_text(env_file)
+    try:
+        out = appliance(home, "up", "--detach", "--timeout", "200")
+        assert out.returncode == 0, out.stdout + out.stderr
+        key = KEY_RE.search(out.stdout).group(1)  # type: ignore[union-attr]
+        api = f"http://127.0.0.1:{cli_env(home)['APPLIANCE_API_PORT']}"
+        with httpx.Client(base_url=api, timeout=30) as c:
+            sys_h = {"Authorization": f"Bearer {key}"}
+            tenant_id = c.post("/api/v1/tenants", json={"name": tenant}, headers=sys_h).json()["id"]
+            editor = c.post(
+                "/api/v1/keys", json={"name": "e", "role": "editor", "tenant_id": tenant_id}, headers=sys_h
+            ).json()["key"]
+        yield home, api, editor
+    finally:
+        appliance(home, "down")
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def appliance(home: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
