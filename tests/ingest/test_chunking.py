@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from itertools import groupby, pairwise
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from appliance.inference.embedding import LlamaEmbedder, get_embedder
 from appliance.ingest.chunking import (
@@ -25,12 +27,6 @@ from appliance.ingest.chunking import (
     split_sentences,
 )
 from appliance.settings import get_settings
-
-try:
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is a dev tool, the fixed-input tests still run
-    st = None  # type: ignore[assignment]
 
 SENTENCES = [
     "The committee reviewed the quarterly report in detail.",
@@ -367,96 +363,99 @@ def test_split_sentences(text: str, expected: list[str]) -> None:
 
 # Properties on random text -----------------------------------------------------------------------------
 
-if st is not None:
-    PIECES = st.one_of(
-        st.sampled_from(
-            [
-                " ",
-                "  ",
-                "\n",
-                "\n\n",
-                "\n\n\n",
-                "\t",
-                ". ",
-                "? ",
-                "! ",
-                ", ",
-                "。",
-                "\f",
-                "# ",
-                "## Heading\n",
-                "\n# Title\n\n",
-                "Introduction\n\n",
-                "```\n",
-                "e.g. ",
-                "Dr. ",
-                "the ",
-                "committee ",
-                "report ",
-                "Costs ",
-                "énergie ",
-                "naïve ",
-                "委员会",
-                "报告",
-                "1. ",
-                "- item\n",
-                "\u200b",
-                "😀",
-                "x" * 300,
-            ]
-        ),
-        st.sampled_from(SENTENCES).map(lambda s: s + " "),
-        st.text(max_size=40),
-        st.text(alphabet="abcdefghij", min_size=100, max_size=3000),
+PIECES = st.one_of(
+    st.sampled_from(
+        [
+            " ",
+            "  ",
+            "\n",
+            "\n\n",
+            "\n\n\n",
+            "\t",
+            ". ",
+            "? ",
+            "! ",
+            ", ",
+            "。",
+            "\f",
+            "# ",
+            "## Heading\n",
+            "\n# Title\n\n",
+            "Introduction\n\n",
+            "```\n",
+            "e.g. ",
+            "Dr. ",
+            "the ",
+            "committee ",
+            "report ",
+            "Costs ",
+            "énergie ",
+            "naïve ",
+            "委员会",
+            "报告",
+            "1. ",
+            "- item\n",
+            "\u200b",
+            "😀",
+            "x" * 300,
+        ]
+    ),
+    st.sampled_from(SENTENCES).map(lambda s: s + " "),
+    st.text(max_size=40),
+    st.text(alphabet="abcdefghij", min_size=100, max_size=3000),
+)
+TEXTS = st.lists(PIECES, max_size=60).map("".join)
+
+
+@st.composite
+def texts_with_pages(draw: st.DrawFn) -> tuple[str, list[PageSpan]]:
+    text = draw(TEXTS)
+    cuts = sorted(set(draw(st.lists(st.integers(0, len(text)), max_size=6))) | {0, len(text)})
+    numbered = draw(st.booleans())
+    pages: list[PageSpan] = []
+    for i, (s, e) in enumerate(pairwise(cuts)):
+        if draw(st.booleans()) or i == 0:  # sometimes a gap between pages
+            pages.append((i + 1 if numbered else None, s, e))
+    return text, pages
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=texts_with_pages(),
+    max_tokens=st.integers(8, 256),
+    overlap_ratio=st.floats(0, 0.5),
+)
+def test_invariants_hold_on_random_text(
+    embedder: LlamaEmbedder, data: tuple[str, list[PageSpan]], max_tokens: int, overlap_ratio: float
+) -> None:
+    text, pages = data
+    overlap = int(max_tokens * overlap_ratio)
+    chunks = chunk_text(text, pages, tokenizer=embedder, max_tokens=max_tokens, overlap_tokens=overlap)
+    check_invariants(text, chunks, embedder, max_tokens=max_tokens, overlap_tokens=overlap, pages=pages)
+    assert chunks == chunk_text(
+        text, pages, tokenizer=embedder, max_tokens=max_tokens, overlap_tokens=overlap
     )
-    TEXTS = st.lists(PIECES, max_size=60).map("".join)
+    check_headings_start_chunks(text, chunks)
 
-    @st.composite
-    def texts_with_pages(draw: st.DrawFn) -> tuple[str, list[PageSpan]]:
-        text = draw(TEXTS)
-        cuts = sorted(set(draw(st.lists(st.integers(0, len(text)), max_size=6))) | {0, len(text)})
-        numbered = draw(st.booleans())
-        pages: list[PageSpan] = []
-        for i, (s, e) in enumerate(pairwise(cuts)):
-            if draw(st.booleans()) or i == 0:  # sometimes a gap between pages
-                pages.append((i + 1 if numbered else None, s, e))
-        return text, pages
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(
-        data=texts_with_pages(),
-        max_tokens=st.integers(8, 256),
-        overlap_ratio=st.floats(0, 0.5),
-    )
-    def test_invariants_hold_on_random_text(
-        embedder: LlamaEmbedder, data: tuple[str, list[PageSpan]], max_tokens: int, overlap_ratio: float
-    ) -> None:
-        text, pages = data
-        overlap = int(max_tokens * overlap_ratio)
-        chunks = chunk_text(text, pages, tokenizer=embedder, max_tokens=max_tokens, overlap_tokens=overlap)
-        check_invariants(text, chunks, embedder, max_tokens=max_tokens, overlap_tokens=overlap, pages=pages)
-        assert chunks == chunk_text(
-            text, pages, tokenizer=embedder, max_tokens=max_tokens, overlap_tokens=overlap
-        )
-        check_headings_start_chunks(text, chunks)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=texts_with_pages(), max_tokens=st.integers(8, 400), overlap_ratio=st.floats(0, 0.5))
+def test_invariants_hold_for_a_non_additive_counter(
+    data: tuple[str, list[PageSpan]], max_tokens: int, overlap_ratio: float
+) -> None:
+    # Characters as tokens: the pieces' sum undercounts (the whitespace between them counts too),
+    # so the final check with the real count has to give pieces back.
+    text, pages = data
+    overlap = int(max_tokens * overlap_ratio)
+    chunks = chunk_text(text, pages, tokenizer=len, max_tokens=max_tokens, overlap_tokens=overlap)
+    check_invariants(text, chunks, len, max_tokens=max_tokens, overlap_tokens=overlap, pages=pages)
 
-    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(data=texts_with_pages(), max_tokens=st.integers(8, 400), overlap_ratio=st.floats(0, 0.5))
-    def test_invariants_hold_for_a_non_additive_counter(
-        data: tuple[str, list[PageSpan]], max_tokens: int, overlap_ratio: float
-    ) -> None:
-        # Characters as tokens: the pieces' sum undercounts (the whitespace between them counts too),
-        # so the final check with the real count has to give pieces back.
-        text, pages = data
-        overlap = int(max_tokens * overlap_ratio)
-        chunks = chunk_text(text, pages, tokenizer=len, max_tokens=max_tokens, overlap_tokens=overlap)
-        check_invariants(text, chunks, len, max_tokens=max_tokens, overlap_tokens=overlap, pages=pages)
 
-    @settings(max_examples=200, deadline=None)
-    @given(text=TEXTS)
-    def test_sentence_spans_partition_the_text(text: str) -> None:
-        spans = sentence_spans(text)
-        for (_, e1), (s2, _) in pairwise(spans):
-            assert e1 <= s2 and not text[e1:s2].strip()
-        joined = "".join(text[s:e] for s, e in spans)
-        assert re.sub(r"\s", "", joined) == re.sub(r"\s", "", text)
+@settings(max_examples=200, deadline=None)
+@given(text=TEXTS)
+def test_sentence_spans_partition_the_text(text: str) -> None:
+    spans = sentence_spans(text)
+    for (_, e1), (s2, _) in pairwise(spans):
+        assert e1 <= s2 and not text[e1:s2].strip()
+    joined = "".join(text[s:e] for s, e in spans)
+    assert re.sub(r"\s", "", joined) == re.sub(r"\s", "", text)
