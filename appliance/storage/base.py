@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 # Keys are random hex: nothing about the tenant, the document or the file name is ever in clear.
 # Both stores use the same flat form so that keys copy from one store to the other (backups, moves).
@@ -81,7 +81,25 @@ class ObjectInfo:
     etag: str | None = None  # S3: the server's etag (multipart: "<md5>-<parts>"); filesystem: None
 
 
-class ChunkIterator(Iterator[bytes]):
+class ClosingContext:
+    """`with obj:` calls `obj.close()` on exit (the sources and iterators of this package)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class ChunkIterator(ClosingContext, Iterator[bytes]):
     """Chunks of exactly `chunk_size` bytes (the last one may be shorter) from `read(n)`.
 
     The underlying file or HTTP response is released at the end, on `close()`, on leaving a `with`
@@ -124,17 +142,6 @@ class ChunkIterator(Iterator[bytes]):
     def close(self) -> None:
         self._done = True
         self._finalizer()
-
-    def __enter__(self) -> ChunkIterator:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 @runtime_checkable

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
@@ -19,6 +18,7 @@ from urllib3.exceptions import HTTPError as Urllib3HTTPError
 from appliance.resilience import CircuitBreaker, CircuitOpen, open_message
 from appliance.storage.base import (
     ChunkIterator,
+    ClosingContext,
     ObjectInfo,
     ObjectStore,
     RandomAccessSource,
@@ -71,7 +71,7 @@ def store_breaker(
     )
 
 
-class _BreakerSource:
+class _BreakerSource(ClosingContext):
     """A source whose reads go through the breaker too (S3Source reads call the server)."""
 
     def __init__(self, inner: RandomAccessSource, breaker: CircuitBreaker) -> None:
@@ -84,17 +84,6 @@ class _BreakerSource:
 
     def close(self) -> None:
         self._inner.close()
-
-    def __enter__(self) -> _BreakerSource:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class BreakerStore:

@@ -18,11 +18,11 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import BinaryIO
 
 from appliance.storage.base import (
     ChunkIterator,
+    ClosingContext,
     ObjectInfo,
     ObjectNotFound,
     StorageError,
@@ -66,7 +66,7 @@ def _os_error(action: str, exc: OSError) -> StorageError:
     return StorageError(f"filesystem store: {action} failed: {reason}")
 
 
-class FileSource:
+class FileSource(ClosingContext):
     """An open object file: reads see the object as it was when opened, even if it is replaced later."""
 
     def __init__(self, fd: int) -> None:
@@ -82,17 +82,6 @@ class FileSource:
 
     def close(self) -> None:
         self._finalizer()
-
-    def __enter__(self) -> FileSource:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class FilesystemStore:

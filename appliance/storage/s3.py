@@ -17,7 +17,6 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -29,6 +28,7 @@ from urllib3.exceptions import MaxRetryError
 
 from appliance.storage.base import (
     ChunkIterator,
+    ClosingContext,
     ObjectChanged,
     ObjectInfo,
     ObjectNotFound,
@@ -77,7 +77,7 @@ def _reason(exc: BaseException) -> str:
     return f"{type(inner).__name__}: {text}"[:200]
 
 
-class S3Source:
+class S3Source(ClosingContext):
     """Ranged reads of one object, pinned to its etag at open: a replaced object raises ObjectChanged."""
 
     def __init__(self, store: S3Store, key: str, info: ObjectInfo) -> None:
@@ -95,17 +95,6 @@ class S3Source:
 
     def close(self) -> None:
         pass
-
-    def __enter__(self) -> S3Source:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class S3Store:
