@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__, metrics
+from appliance.answers.routes import router as answers_router
 from appliance.auth.routes import router as auth_router
 from appliance.auth.service import AuthFailure
 from appliance.context import actor_var, client_addr_var, request_id_var
@@ -26,11 +27,15 @@ from appliance.documents.service import Services
 from appliance.documents.signing import UrlSigner
 from appliance.errors import PROBLEM_MEDIA_TYPE, AppError, problem_body
 from appliance.health.routes import router as health_router
+from appliance.inference.llm import LLMClient
 from appliance.jobs.routes import router as jobs_router
 from appliance.keys.envelope import BlobIntegrityError
 from appliance.keys.keyring import Keyring
 from appliance.keys.service import TenantKeyDestroyed
 from appliance.logs import configure_logging, get_logger
+from appliance.openai_compat import router as openai_router
+from appliance.search.routes import router as search_router
+from appliance.search.service import SearchServices
 from appliance.settings import Settings, get_settings
 from appliance.storage.base import ObjectNotFound, StorageError
 from appliance.storage.factory import build_store
@@ -232,9 +237,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.documents = Services(
             settings=settings, db=app.state.db, keyring=app.state.keyring, store=app.state.store
         )
+        app.state.search = SearchServices(settings=settings, keyring=app.state.keyring, redis=app.state.redis)
+        try:
+            app.state.llm = LLMClient.from_settings(settings)
+        except LookupError:  # no chat model in the manifest: answers and chat report llm_unavailable
+            app.state.llm = None
         try:
             yield
         finally:
+            if app.state.llm is not None:
+                await app.state.llm.aclose()
             await app.state.redis.aclose()
             await app.state.db.dispose()
 
@@ -253,6 +265,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tenants_router, prefix=api_prefix)
     app.include_router(documents_router, prefix=api_prefix)
     app.include_router(jobs_router, prefix=api_prefix)
+    app.include_router(search_router, prefix=api_prefix)
+    app.include_router(answers_router, prefix=api_prefix)
+    app.include_router(openai_router, prefix="/v1")
     _openapi_problem_schema(app)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -37,6 +37,24 @@ INGEST_FAILURES = Counter(
     "appliance_ingest_failures_total", "Failed ingest attempts by error code.", ["code"]
 )
 EMBEDDING_TOKENS = Counter("appliance_embedding_tokens_total", "Tokens embedded by the workers.")
+LLM_TOKENS = Counter(
+    "appliance_llm_tokens_total",
+    "Tokens the chat model read (prompt) and wrote (completion), per tenant and route class.",
+    ["tenant", "kind", "route"],
+)
+LLM_SECONDS = Histogram(
+    "appliance_llm_generation_seconds",
+    "Time per generation, from the LLM slot being granted to the last token.",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+LLM_REJECTED = Counter(
+    "appliance_llm_rejected_total",
+    "Generations refused with 503 (queue full, wait too long, LLM down).",
+    ["reason"],
+)
+SEARCH_CACHE = Counter(
+    "appliance_search_cache_total", "Search cache lookups by outcome.", ["kind", "outcome"]
+)
 AUTH_FAILURES = Counter("appliance_auth_failures_total", "Rejected API keys by reason.", ["reason"])
 
 

@@ -72,8 +72,35 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_secure: bool = False
 
-    # Models.
+    # Models. Names are manifest names (models/manifest.toml); None: the manifest's first of that purpose.
     models_dir: Path = PROJECT_ROOT / "models"
+    embedding_model: str | None = None
+    chat_model: str | None = None
+    embedding_threads: int | None = None  # llama.cpp threads per embedder; None: every CPU available
+
+    # The LLM server: one process holds the chat model (an 8–70B model must not be loaded once per API
+    # worker); API processes talk to it over loopback HTTP (llama-cpp-python's OpenAI-compatible server).
+    # llm_url: an external OpenAI-compatible server (a GPU host) instead of the embedded one.
+    llm_port: int = 8471
+    llm_url: str | None = None
+    llm_threads: int | None = None
+    llm_concurrency: int = 1  # generations in flight per API process (the server runs one at a time)
+    llm_queue_size: int = 8  # waiting generations per API process beyond which callers get 503
+    llm_queue_timeout_s: float = 30.0  # the longest a request waits for its turn before a 503
+    llm_timeout_s: float = 120.0  # one generation, start to end
+    answer_max_tokens: int = 384
+    answer_context_chunks: int = 6
+    # A question whose best passage scores below this (cosine similarity, no full-text match) is
+    # answered "not found in the documents" without asking the LLM to guess.
+    answer_min_similarity: float = 0.25
+
+    # Search.
+    search_hnsw_ef_search: int = 100
+    search_candidates: int = 100  # per mode, before fusion
+    search_rrf_k: int = 60
+    search_vector_weight: float = 1.0
+    search_fulltext_weight: float = 1.0
+    search_cache_ttl_s: int = 300
 
     # Keys.
     master_key_file: Path | None = None
@@ -175,6 +202,11 @@ class Settings(BaseSettings):
     def owner_database_url(self) -> str:
         """The owner role: migrations, audit verification and admin tasks only."""
         return self._pg_url("psycopg", self.pg_owner_user, self.pg_owner_password)
+
+    @property
+    def llm_base_url(self) -> str:
+        """Where the chat model answers (OpenAI-compatible): the external server or the embedded one."""
+        return (self.llm_url or f"http://127.0.0.1:{self.llm_port}").rstrip("/")
 
     @property
     def redis_url(self) -> str:

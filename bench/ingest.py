@@ -47,7 +47,6 @@ from sqlalchemy import create_engine, text
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from appliance.settings import load_settings  # noqa: E402
-from tests.extract.conftest import make_docx, make_pdf  # noqa: E402
 
 FORMATS = ("txt", "md", "html", "csv", "docx", "pdf")
 
@@ -242,6 +241,10 @@ def document(rng: random.Random, words: int) -> tuple[str, list[tuple[str, list[
 
 
 def render(fmt: str, title: str, sections: list[tuple[str, list[str]]], rng: random.Random) -> bytes:
+    # Imported here, not at the top, so other benchmarks can import this module's helpers without the
+    # test suite's dependencies (pytest is a --dev install).
+    from tests.extract.conftest import make_docx, make_pdf
+
     if fmt == "txt":
         parts = [title, ""]
         for heading, paras in sections:
@@ -366,8 +369,7 @@ def upload_all(url: str, key: str, paths: list[Path], clients: int) -> list[tupl
 def sample_chunks(settings, tenant_id: str, n: int, seed: int) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
     """`n` random chunks of the tenant, decrypted with its data key: (text, token_count)."""
     from appliance.db.engine import Database
-    from appliance.ingest.pipeline import decrypt_small
-    from appliance.keys.envelope import BlobContext
+    from appliance.keys.envelope import BlobContext, open_bytes
     from appliance.keys.keyring import Keyring
     from appliance.keys.service import tenant_dek
 
@@ -387,7 +389,7 @@ def sample_chunks(settings, tenant_id: str, n: int, seed: int) -> list[tuple[str
                     )
                 ).all()
             return [
-                (decrypt_small(dek, BlobContext(tid, "chunk", d, v), bytes(blob)).decode(), tokens)
+                (open_bytes(dek, BlobContext(tid, "chunk", d, v), bytes(blob)).decode(), tokens)
                 for d, v, blob, tokens in rows
             ]
         finally:
@@ -433,12 +435,13 @@ def main() -> None:
     os.chmod(home, 0o755)
     docs_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-docs-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    ports = {"api_port": free_port(), "pg_port": free_port(), "redis_port": free_port()}
+    ports = {name: free_port() for name in ("api_port", "pg_port", "redis_port", "llm_port")}
     env.update(
         APPLIANCE_HOME=str(home),
         APPLIANCE_API_PORT=str(ports["api_port"]),
         APPLIANCE_PG_PORT=str(ports["pg_port"]),
         APPLIANCE_REDIS_PORT=str(ports["redis_port"]),
+        APPLIANCE_LLM_PORT=str(ports["llm_port"]),
         APPLIANCE_API_WORKERS="1",
     )
     if args.worker_processes is not None:

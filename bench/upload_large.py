@@ -81,6 +81,7 @@ def main() -> None:
         APPLIANCE_API_PORT=str(free_port()),
         APPLIANCE_PG_PORT=str(free_port()),
         APPLIANCE_REDIS_PORT=str(free_port()),
+        APPLIANCE_LLM_PORT=str(free_port()),
         APPLIANCE_API_WORKERS="1",
         APPLIANCE_MAX_UPLOAD_BYTES=str((args.mib + 1) * MiB),
     )

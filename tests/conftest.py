@@ -48,6 +48,7 @@ def settings(test_home: Path) -> Iterator[Settings]:
     os.environ["APPLIANCE_ENVIRONMENT"] = "test"
     os.environ["APPLIANCE_PG_PORT"] = str(free_port())
     os.environ["APPLIANCE_REDIS_PORT"] = str(free_port())
+    os.environ["APPLIANCE_LLM_PORT"] = str(free_port())
     os.environ["APPLIANCE_LOG_JSON"] = "false"
     os.environ["APPLIANCE_LOG_LEVEL"] = "WARNING"
     datastores = start_datastores(load_settings(home=test_home))
@@ -78,7 +79,42 @@ async def app_db(settings: Settings) -> AsyncIterator[Database]:
 
 
 @pytest.fixture(scope="session")
-async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+def llm_server(settings: Settings) -> Iterator[str]:
+    """The embedded LLM server (llama-cpp-python's, with the manifest's chat model), once per session."""
+    import subprocess
+    import sys
+    import time
+
+    log = open(settings.home / "llm-test.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.inference.llm_server"], stdout=log, stderr=subprocess.STDOUT
+    )
+    url = settings.llm_base_url
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the LLM server did not start: {(settings.home / 'llm-test.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+async def app(settings: Settings, llm_server: str) -> AsyncIterator[FastAPI]:
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         yield application

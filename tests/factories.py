@@ -42,3 +42,28 @@ async def make_key(
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+async def ingest_pending(app: object, tenant_id: uuid.UUID) -> list[str]:
+    """Run the real ingest pipeline in this process for the tenant's queued ingest jobs (what a
+    Dramatiq worker does; the e2e suite runs the same jobs through real workers). Returns outcomes."""
+    from sqlalchemy import select
+
+    from appliance.ingest.pipeline import WorkerServices, run_ingest
+    from appliance.jobs.models import Job
+
+    state = app.state  # type: ignore[attr-defined]
+    svc = WorkerServices(settings=state.settings, db=state.db, keyring=state.keyring, store=state.store)
+    async with state.db.transaction(tenant_id=tenant_id) as session:
+        ids = (
+            (
+                await session.execute(
+                    select(Job.id)
+                    .where(Job.kind == "ingest", Job.status.in_(("queued", "retrying")))
+                    .order_by(Job.created_at)
+                )
+            )
+            .scalars()
+            .all()
+        )
+    return [await run_ingest(svc, tenant_id, job_id) for job_id in ids]

@@ -206,7 +206,7 @@ def down(timeout: float = typer.Option(90, help="Seconds to wait before killing 
     console.print(message, highlight=False)
 
 
-_STYLE = {"running": "green", "stopped": "dim", "unhealthy": "bold red"}
+_STYLE = {"running": "green", "external": "cyan", "stopped": "dim", "unhealthy": "bold red"}
 
 
 def status(json_output: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
@@ -237,7 +237,7 @@ def status(json_output: bool = typer.Option(False, "--json", help="Machine-reada
         console.print(table)
         sup = info["supervisor"]["pid"]
         console.print(f"API: {info['api_url']}   supervisor: {f'pid {sup}' if sup else 'not running'}")
-    if any(c["state"] != "running" for c in components.values()):
+    if any(c["state"] not in ("running", "external") for c in components.values()):
         raise typer.Exit(NOT_ALL_RUNNING)
 
 

@@ -31,6 +31,7 @@ from appliance.jobs.service import create_job
 from appliance.keys.envelope import BlobContext, BlobReader
 from appliance.keys.keyring import Keyring
 from appliance.keys.service import tenant_dek
+from appliance.search.service import invalidate_after_commit
 from appliance.settings import Settings
 from appliance.storage.base import ObjectStore
 
@@ -448,6 +449,7 @@ async def delete_document(session: AsyncSession, document_id: uuid.UUID) -> None
     await session.flush()
     audit.record(session, "document.delete", resource_type="document", resource_id=doc.id)
     tenant_id = doc.tenant_id
+    invalidate_after_commit(session, tenant_id)
 
     def enqueue() -> None:
         from appliance.workers import purge_document
@@ -474,6 +476,7 @@ async def purge_document(svc: Services, tenant_id: uuid.UUID, document_id: uuid.
                 await anyio.to_thread.run_sync(svc.store.delete, v.text_object_key)
             await session.delete(v)
         doc.purged_at = datetime.now(UTC)
+        invalidate_after_commit(session, tenant_id)
         doc.meta, doc.tags, doc.title = {}, [], None
         await session.flush()
         await set_tenant(session, tenant_id)

@@ -52,7 +52,20 @@ def _check_models(settings: Settings) -> dict[str, Any]:
     return {"ok": not problems, "detail": "; ".join(problems) or "all present"}
 
 
-@router.get("/readyz", summary="Readiness: Postgres, Redis, object store and model files.")
+async def _check_llm(request: Request) -> dict[str, Any]:
+    llm = getattr(request.app.state, "llm", None)
+    if llm is None:
+        return {"ok": False, "detail": "no chat model configured"}
+    problem = await llm.ready()
+    return {"ok": problem is None, "detail": problem or f"{llm.model} at {llm.base_url}"}
+
+
+# Without the LLM the appliance still ingests, searches and serves documents: its check is reported
+# (and marks the status "degraded") but does not take the instance out of a load balancer.
+OPTIONAL_CHECKS = ("llm",)
+
+
+@router.get("/readyz", summary="Readiness: Postgres, Redis, object store and model files (and the LLM).")
 async def readyz(request: Request) -> JSONResponse:
     settings: Settings = request.app.state.settings
     checks: dict[str, dict[str, Any]] = {}
@@ -68,11 +81,12 @@ async def readyz(request: Request) -> JSONResponse:
         run("redis", _check_redis(request)),
         run("object_store", asyncio.to_thread(_check_objects, request)),
         run("models", asyncio.to_thread(_check_models, settings)),
+        run("llm", _check_llm(request)),
     )
-    ready = all(c["ok"] for c in checks.values())
-    return JSONResponse(
-        {"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503
-    )
+    ready = all(c["ok"] for name, c in checks.items() if name not in OPTIONAL_CHECKS)
+    degraded = ready and not all(c["ok"] for c in checks.values())
+    status = "degraded" if degraded else "ready" if ready else "not_ready"
+    return JSONResponse({"status": status, "checks": checks}, status_code=200 if ready else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics.", include_in_schema=False)

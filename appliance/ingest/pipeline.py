@@ -8,7 +8,6 @@ once; transient ones are retried with backoff until `max_attempts`, then dead-le
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -30,10 +29,11 @@ from appliance.db.engine import Database
 from appliance.documents.models import Document, DocumentVersion
 from appliance.ingest.models import EMBEDDING_DIMENSIONS, Chunk
 from appliance.jobs.models import Job
-from appliance.keys.envelope import BlobContext, BlobReader, BlobWriter, BytesSource
+from appliance.keys.envelope import BlobContext, BlobReader, seal_bytes
 from appliance.keys.keyring import Keyring
 from appliance.keys.service import tenant_dek
 from appliance.logs import get_logger
+from appliance.search.service import invalidate_after_commit
 from appliance.settings import Settings
 from appliance.storage.base import ObjectStore
 
@@ -53,17 +53,6 @@ class PermanentError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def encrypt_small(dek: bytes, context: BlobContext, data: bytes) -> bytes:
-    out = io.BytesIO()
-    with BlobWriter(dek, context, out) as writer:
-        writer.write(data)
-    return out.getvalue()
-
-
-def decrypt_small(dek: bytes, context: BlobContext, blob: bytes) -> bytes:
-    return b"".join(BlobReader(dek, context, BytesSource(blob)).iter_range(0))
 
 
 async def _update_job(svc: WorkerServices, tenant_id: uuid.UUID, job_id: uuid.UUID, **values: Any) -> None:
@@ -156,7 +145,7 @@ async def _extract(svc: WorkerServices, dek: bytes, version: DocumentVersion) ->
         "ocr_used": result.ocr_used,
     }
     key = svc.store.new_key()
-    blob = encrypt_small(dek, text_ctx, json.dumps(payload).encode())
+    blob = seal_bytes(dek, text_ctx, json.dumps(payload).encode())
     await anyio.to_thread.run_sync(svc.store.put_bytes, key, blob)
     async with svc.db.transaction(tenant_id=version.tenant_id) as session:
         row = await session.get(DocumentVersion, version.id)
@@ -289,7 +278,7 @@ async def _chunk_embed_index(
             "document_id": version.document_id,
             "version_id": version.id,
             "ordinal": c.ordinal,
-            "text_enc": encrypt_small(dek, chunk_ctx, c.text.encode()),
+            "text_enc": seal_bytes(dek, chunk_ctx, c.text.encode()),
             "char_start": c.char_start,
             "char_end": c.char_end,
             "page_start": c.page_start,
@@ -317,9 +306,33 @@ async def _index(
     ).scalar_one_or_none()
     if current is None or current.deleted_at is not None:
         raise PermanentError("document_deleted", "The document was deleted while it was being ingested.")
+    # One document, one searchable version: the newest indexed one. Indexing this version removes the
+    # chunks of older ones in the same transaction (search never sees a gap or a mix); an older version
+    # finishing after a newer one was indexed is superseded and indexes nothing.
+    newer_ready = (
+        await session.execute(
+            select(func.count())
+            .select_from(DocumentVersion)
+            .where(
+                DocumentVersion.document_id == version.document_id,
+                DocumentVersion.version > current.version,
+                DocumentVersion.ingest_status == "ready",
+                DocumentVersion.deleted_at.is_(None),
+            )
+        )
+    ).scalar_one()
+    if newer_ready:
+        rows = []
+    older = select(DocumentVersion.id).where(
+        DocumentVersion.document_id == version.document_id, DocumentVersion.version < current.version
+    )
     await session.execute(delete(Chunk).where(Chunk.version_id == version.id))
+    await session.execute(
+        delete(Chunk).where(Chunk.document_id == version.document_id, Chunk.version_id.in_(older))
+    )
     for start in range(0, len(rows), 500):  # batched: one INSERT per 500 chunks (each tsvector from its text)
         await session.execute(insert(Chunk).values(rows[start : start + 500]))
+    invalidate_after_commit(session, version.tenant_id)
     now = datetime.now(UTC)
     current.ingest_status, current.ingest_error = "ready", None
     job = await session.get(Job, job_id)
@@ -334,5 +347,10 @@ async def _index(
         "document.ingested",
         resource_type="document",
         resource_id=version.document_id,
-        details={"version_id": str(version.id), "chunks": len(rows), "job_id": str(job_id)},
+        details={
+            "version_id": str(version.id),
+            "chunks": len(rows),
+            "job_id": str(job_id),
+            **({"superseded": True} if newer_ready else {}),
+        },
     )

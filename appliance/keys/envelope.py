@@ -62,6 +62,7 @@ secrets matters for a kind of blob (the CRIME/BREACH pattern), write it with `co
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import secrets
@@ -594,3 +595,16 @@ class BlobReader:
         dctx = zstandard.ZstdDecompressor()
         for i in range(self.segments):
             self._segment(i, dctx)
+
+
+def seal_bytes(dek: bytes, context: BlobContext, data: bytes) -> bytes:
+    """A small value (a chunk's text, an extracted-text record) as one blob in memory."""
+    out = io.BytesIO()
+    with BlobWriter(dek, context, out) as writer:
+        writer.write(data)
+    return out.getvalue()
+
+
+def open_bytes(dek: bytes, context: BlobContext, blob: bytes) -> bytes:
+    """The plaintext of a `seal_bytes` blob; BlobIntegrityError if it was altered or the context differs."""
+    return b"".join(BlobReader(dek, context, BytesSource(blob)).iter_range(0))

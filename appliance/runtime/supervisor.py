@@ -1,7 +1,8 @@
 """The embedded run mode: one supervisor process starts and watches every server of one data dir.
 
-Order: postgres → redis → migrations (`upgrade_head`) → bootstrap key (`ensure_bootstrap`) → API
-(gunicorn + uvicorn workers) → workers (dramatiq). Stop is the reverse. Every server runs as the
+Order: postgres → redis → model check (sha256) → llm (the chat model's server, unless `llm_url` names
+an external one) → migrations (`upgrade_head`) → bootstrap key (`ensure_bootstrap`) → API (gunicorn +
+uvicorn workers) → workers (dramatiq). Stop is the reverse. Every server runs as the
 service user in its own process group, with its output in `$home/logs/<component>.log`.
 
 `$home/run/supervisor.pid` is held with an exclusive flock while a supervisor (or a test session's
@@ -53,10 +54,12 @@ from appliance.runtime.home import check_reachable, prepare
 from appliance.runtime.identity import ServiceIdentity
 from appliance.settings import PROJECT_ROOT, Settings
 
-COMPONENTS = ("postgres", "redis", "api", "workers")
+COMPONENTS = ("postgres", "redis", "llm", "api", "workers")
 DATASTORES = ("postgres", "redis")
 API_READY_TIMEOUT = 90.0
 WORKERS_READY_TIMEOUT = 30.0
+LLM_READY_TIMEOUT = 600.0  # a 70B model takes minutes to map and offload
+LLM_STOP_TIMEOUT = 15.0
 API_STOP_TIMEOUT = 25.0  # gunicorn --graceful-timeout 10, plus its own shutdown
 WORKERS_STOP_TIMEOUT = 30.0  # dramatiq --worker-shutdown-timeout 20 s
 MAX_FAILURES = 5
@@ -81,6 +84,10 @@ _CHILD_SETTINGS = (
     "models_dir",
     "master_key_file",
     "s3_endpoint",
+    "llm_port",
+    "llm_url",
+    "chat_model",
+    "embedding_model",
 )
 
 
@@ -166,7 +173,13 @@ class Child:
 
 
 def _component_port(settings: Settings, name: str) -> int | None:
-    return {"postgres": settings.pg_port, "redis": settings.redis_port, "api": settings.api_port}.get(name)
+    ports = {
+        "postgres": settings.pg_port,
+        "redis": settings.redis_port,
+        "llm": settings.llm_port,
+        "api": settings.api_port,
+    }
+    return ports.get(name)
 
 
 def _log_path(settings: Settings, name: str) -> Path:
@@ -178,7 +191,7 @@ def stop_component(name: str, pid: int, proc: subprocess.Popen[bytes] | None = N
         return pg.stop_postgres(pid, proc)
     if name == "redis":
         return rd.stop_redis(pid, proc)
-    timeout = API_STOP_TIMEOUT if name == "api" else WORKERS_STOP_TIMEOUT
+    timeout = {"api": API_STOP_TIMEOUT, "llm": LLM_STOP_TIMEOUT}.get(name, WORKERS_STOP_TIMEOUT)
     return stop_process(name, pid, signal.SIGTERM, timeout, proc=proc)
 
 
@@ -230,7 +243,11 @@ class Supervisor:
         mode: str = "supervisor",
         on_bootstrap_key: Callable[[str], None] | None = None,
     ) -> None:
-        self.components = tuple(c for c in COMPONENTS if c in set(components))
+        wanted = set(components)
+        if settings.llm_url:  # an external LLM server: nothing to start here
+            wanted.discard("llm")
+        self.components = tuple(c for c in COMPONENTS if c in wanted)
+        self._models_verified = False
         self.settings = settings
         self.mode = mode
         self.on_bootstrap_key = on_bootstrap_key
@@ -277,7 +294,7 @@ class Supervisor:
         self._lock = _Lock(settings, self.mode)
         try:
             stop_stale(settings)
-            if {"api", "workers"} & set(self.components):
+            if {"llm", "api", "workers"} & set(self.components):
                 check_reachable(ident, Path(sys.executable).parent, "the Python environment")
                 check_reachable(ident, PROJECT_ROOT / "appliance", "the application code")
                 prom = settings.run_dir / "prometheus"
@@ -286,6 +303,8 @@ class Supervisor:
             for name in self.components:
                 if self._stop.is_set():
                     raise RuntimeFailure("start interrupted")
+                if name in ("llm", "api") and not self._models_verified:
+                    self._verify_models()
                 if name == "api":
                     self._migrate_and_bootstrap()
                 self._start_component(name)
@@ -313,6 +332,8 @@ class Supervisor:
                 raise
         elif name == "redis":
             proc = rd.start(self.settings, self.ident, env, self._should_stop)
+        elif name == "llm":
+            proc = self._start_llm(env)
         elif name == "api":
             proc = self._start_api(env)
         elif name == "workers":
@@ -341,10 +362,10 @@ class Supervisor:
                     f"models: {spec.name} ({check.path}): {check.reason}; run ./install.sh to rebuild it"
                 )
         self.timings["models"] = time.monotonic() - t0
+        self._models_verified = True
         log.info("models: %d verified by sha256 (%.2f s)", len(specs), self.timings["models"])
 
     def _migrate_and_bootstrap(self) -> None:
-        self._verify_models()
         t0 = time.monotonic()
         try:
             from appliance.db import migrations
@@ -364,6 +385,32 @@ class Supervisor:
             ) from exc
         if key and self.on_bootstrap_key is not None:
             self.on_bootstrap_key(key)
+
+    def _start_llm(self, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        assert self.ident is not None
+        s = self.settings
+        check_port_free("llm", "127.0.0.1", s.llm_port)
+        log_path = _log_path(s, "llm")
+        offset = file_size(log_path)
+        argv = [str(venv_bin("python")), "-m", "appliance.inference.llm_server"]
+        proc = spawn("llm", argv, ident=self.ident, log_path=log_path, env=env, cwd=s.home)
+        try:
+            took = wait_until(
+                "llm",
+                lambda: _http_status(f"{s.llm_base_url}/v1/models") == 200,
+                timeout=LLM_READY_TIMEOUT,
+                proc=proc,
+                log_path=log_path,
+                log_offset=offset,
+                interval=0.1,
+                what="serving the chat model",
+                should_stop=self._should_stop,
+            )
+        except BaseException:
+            stop_component("llm", proc.pid, proc)
+            raise
+        log.info("llm: chat model served on %s (pid %d, %.2f s)", s.llm_base_url, proc.pid, took)
+        return proc
 
     def _start_api(self, env: dict[str, str]) -> subprocess.Popen[bytes]:
         assert self.ident is not None
@@ -624,11 +671,16 @@ def component_status(settings: Settings) -> dict[str, Any]:
     checks: dict[str, Callable[[], bool]] = {
         "postgres": lambda: pg.postmaster_ready(settings) and port_accepts("127.0.0.1", settings.pg_port),
         "redis": lambda: rd.ping(settings),
+        "llm": lambda: _http_status(f"{settings.llm_base_url}/v1/models") == 200,
         "api": lambda: _http_status(f"{settings.api_url}/readyz") == 200,
         "workers": lambda: True,
     }
     components: dict[str, Any] = {}
     for name in COMPONENTS:
+        if name == "llm" and settings.llm_url:  # external server: report whether it answers
+            st = "external" if checks["llm"]() else "unhealthy"
+            components[name] = {"state": st, "pid": None, "port": None, "url": settings.llm_url}
+            continue
         pid = pid_of(name)
         if pid is None:
             st = "stopped"

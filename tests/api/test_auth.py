@@ -155,7 +155,29 @@ async def test_health_ready_and_metrics(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     r = await client.get("/readyz")
     assert r.status_code == 200, r.text
-    assert set(r.json()["checks"]) == {"postgres", "redis", "object_store", "models"}
+    assert set(r.json()["checks"]) == {"postgres", "redis", "object_store", "models", "llm"}
+    assert r.json()["status"] == "ready" and r.json()["checks"]["llm"]["ok"]
+
+
+async def test_ready_but_degraded_without_the_llm(app, client: httpx.AsyncClient, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """The LLM down does not take the API out of service (search and ingest still work)."""
+    from appliance.inference.llm import LLMClient
+    from tests.conftest import free_port
+
+    real = app.state.llm
+    app.state.llm = LLMClient(
+        settings.model_copy(update={"llm_url": f"http://127.0.0.1:{free_port()}"}), model="m", n_ctx=512
+    )
+    try:
+        r = await client.get("/readyz")
+        assert r.status_code == 200 and r.json()["status"] == "degraded"
+        assert not r.json()["checks"]["llm"]["ok"]
+    finally:
+        await app.state.llm.aclose()
+        app.state.llm = real
+
+
+async def test_metrics(client: httpx.AsyncClient) -> None:
     r = await client.get("/metrics")
     assert r.status_code == 200 and "appliance_http_requests_total" in r.text
     assert 'appliance_queue_depth{queue="ingest"}' in r.text

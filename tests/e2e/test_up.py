@@ -57,6 +57,7 @@ def cli_env(home: Path) -> dict[str, str]:
             "APPLIANCE_API_PORT": str(free_port()),
             "APPLIANCE_PG_PORT": str(free_port()),
             "APPLIANCE_REDIS_PORT": str(free_port()),
+            "APPLIANCE_LLM_PORT": str(free_port()),
         },
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
@@ -78,6 +79,7 @@ def home_settings(home: Path):  # type: ignore[no-untyped-def]
         api_port=int(env["APPLIANCE_API_PORT"]),
         pg_port=int(env["APPLIANCE_PG_PORT"]),
         redis_port=int(env["APPLIANCE_REDIS_PORT"]),
+        llm_port=int(env["APPLIANCE_LLM_PORT"]),
     )
 
 
@@ -141,7 +143,7 @@ def test_up_status_down_and_reuse(home: Path, monkeypatch: pytest.MonkeyPatch) -
     assert status.returncode == 0, status.stdout + status.stderr
     report = json.loads(status.stdout)
     assert report["api_url"] == api
-    assert set(report["components"]) == {"postgres", "redis", "api", "workers"}
+    assert set(report["components"]) == {"postgres", "redis", "llm", "api", "workers"}
     for name, comp in report["components"].items():
         assert comp["state"] == "running", (name, comp)
         if os.geteuid() == 0:

@@ -296,6 +296,7 @@ def test_up_detach_status_down_end_to_end(home: Path) -> None:
         APPLIANCE_API_PORT=str(free_port()),
         APPLIANCE_PG_PORT=str(free_port()),
         APPLIANCE_REDIS_PORT=str(free_port()),
+        APPLIANCE_LLM_PORT=str(free_port()),
         APPLIANCE_API_WORKERS="1",
         PYTHONPATH=str(PROJECT_ROOT),
     )
@@ -322,10 +323,11 @@ def test_up_detach_status_down_end_to_end(home: Path) -> None:
         assert {name: c["state"] for name, c in info["components"].items()} == {
             "postgres": "running",
             "redis": "running",
+            "llm": "running",
             "api": "running",
             "workers": "running",
         }
-        for name in ("postgres", "redis", "api", "workers"):
+        for name in ("postgres", "redis", "llm", "api", "workers"):
             assert psutil.Process(info["components"][name]["pid"]).uids().effective != 0
 
         again = cli("up")

@@ -1,0 +1,1 @@
+"""Cited answers from the local chat model over a tenant's documents (retrieval-augmented generation)."""

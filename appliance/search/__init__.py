@@ -1,0 +1,1 @@
+"""Retrieval: vector, full-text and hybrid (reciprocal-rank fusion) search over a tenant's chunks."""

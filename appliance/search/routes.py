@@ -1,0 +1,44 @@
+"""`POST /api/v1/search`: thin route over appliance.search.service."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+
+from appliance.audit import service as audit
+from appliance.auth.deps import SessionDep, require
+from appliance.auth.principal import Principal
+from appliance.errors import AppError, Forbidden, Unauthorized, problem_responses
+from appliance.search import service
+from appliance.search.schemas import SearchRequest, SearchResponse
+
+router = APIRouter(tags=["search"])
+Viewer = Annotated[Principal, Depends(require("viewer"))]
+
+
+def search_services(request: Request) -> service.SearchServices:
+    svc: service.SearchServices = request.app.state.search
+    return svc
+
+
+SearchSvc = Annotated[service.SearchServices, Depends(search_services)]
+
+
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    responses=problem_responses(
+        Unauthorized, Forbidden, service.QueryTooLong, service.RerankUnavailable, AppError
+    ),
+)
+async def search(
+    body: SearchRequest, principal: Viewer, session: SessionDep, svc: SearchSvc
+) -> SearchResponse:
+    """Search the caller's tenant: `vector`, `fulltext` or `hybrid` (reciprocal-rank fusion), with filters."""
+    assert principal.tenant_id is not None  # require("viewer") admits tenant keys only
+    response = await service.search(svc, session, principal.tenant_id, body)
+    audit.record(
+        session, "search", resource_type="search", details=service.audit_details(body, response.results)
+    )
+    return response

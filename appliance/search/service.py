@@ -1,0 +1,440 @@
+"""Search over a tenant's chunks: vector (pgvector HNSW, cosine), full text (tsvector, GIN) and hybrid.
+
+Every query runs in the caller's tenant-scoped transaction, so row-level security decides what is
+visible; the SQL adds only "the document is active" and the caller's filters.
+
+- **vector**: the query embedded by the same model as the chunks (`chunks.embedding_model` must match:
+  vectors of two models are never compared), nearest by cosine distance through the HNSW index.
+  Filters are evaluated inside the index scan with pgvector's iterative scans
+  (`hnsw.iterative_scan = relaxed_order`): when a filter is selective the scan keeps walking the graph
+  until it has `candidates` rows that pass (up to `hnsw.max_scan_tuples`), instead of returning the few
+  of the first `ef_search` that happen to pass. The CTE re-sorts the relaxed order exactly.
+- **fulltext**: the query's English lexemes OR-ed (a natural-language question rarely has every word in
+  one passage), ranked by `ts_rank` normalised by document length.
+- **hybrid**: both lists fused by reciprocal rank (RRF, k = `search_rrf_k`), each weighted.
+
+Only the newest indexed version of a document has chunks (ingest replaces the older version's chunks in
+the transaction that indexes the new one), so results never mix versions of one document.
+
+Caching (Redis, per tenant): the query's embedding, and each search's ranked chunk ids (ids and scores
+only: no plaintext ever goes to Redis). The result cache key includes the tenant's generation counter,
+which ingest, delete, purge and reindex bump after they commit; rows are fetched again through RLS on
+every hit, so even a stale entry can never show a deleted document.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import html
+import json
+import uuid
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from appliance import metrics
+from appliance.errors import AppError
+from appliance.keys.envelope import BlobContext, open_bytes
+from appliance.keys.keyring import Keyring
+from appliance.keys.service import tenant_dek
+from appliance.search.schemas import SearchFilters, SearchRequest, SearchResponse, SearchResult
+from appliance.settings import Settings
+
+GEN_KEY = "appliance:search:gen:{tenant}"
+RESULT_KEY = "appliance:search:res:{tenant}:{gen}:{digest}"
+QEMB_KEY = "appliance:search:qemb:{tenant}:{model}:{digest}"
+QEMB_TTL_S = 24 * 3600
+HEADLINE_OPTIONS = (
+    'StartSel=<mark>, StopSel=</mark>, MaxWords=45, MinWords=20, MaxFragments=2, FragmentDelimiter=" … "'
+)
+
+
+class QueryTooLong(AppError):
+    status = 422
+    code = "query_too_long"
+    title = "Query too long"
+
+
+class RerankUnavailable(AppError):
+    status = 422
+    code = "rerank_unavailable"
+    title = "No reranker installed"
+
+
+@dataclass
+class SearchServices:
+    settings: Settings
+    keyring: Keyring
+    redis: Any  # redis.asyncio.Redis, or None to run without caching
+
+
+@dataclass
+class Ranked:
+    chunk_id: int
+    score: float
+    vector_rank: int | None = None
+    fulltext_rank: int | None = None
+
+
+# Query embedding ---------------------------------------------------------------------------------
+
+
+def _embedder(settings: Settings) -> Any:
+    from appliance.inference.embedding import get_embedder
+
+    return get_embedder(settings, settings.embedding_model)
+
+
+async def embed_query(svc: SearchServices, tenant_id: uuid.UUID, query: str) -> tuple[list[float], str]:
+    """The query's vector (from the per-tenant cache when seen before) and the model's name."""
+    embedder = await anyio.to_thread.run_sync(_embedder, svc.settings)
+    digest = hashlib.sha256(query.encode()).hexdigest()
+    key = QEMB_KEY.format(tenant=tenant_id, model=embedder.name, digest=digest)
+    if svc.redis is not None:
+        cached = await _redis_get(svc, key)
+        if cached is not None and len(cached) == 4 * embedder.dimensions:
+            metrics.SEARCH_CACHE.labels("embedding", "hit").inc()
+            return array("f", cached).tolist(), embedder.name
+        metrics.SEARCH_CACHE.labels("embedding", "miss").inc()
+    n = embedder.count_tokens(query)
+    if n > embedder.max_tokens:
+        raise QueryTooLong(
+            f"The query has {n} tokens; the embedding model {embedder.name} takes at most "
+            f"{embedder.max_tokens}."
+        )
+    if n == 0:
+        raise AppError("The query has no searchable text.", code="query_empty", status=422)
+    vector: list[float] = (await anyio.to_thread.run_sync(embedder.embed, [query]))[0]
+    if svc.redis is not None:
+        await _redis_set(svc, key, array("f", vector).tobytes(), QEMB_TTL_S)
+    return vector, embedder.name
+
+
+async def _redis_get(svc: SearchServices, key: str) -> bytes | None:
+    try:
+        value: bytes | None = await svc.redis.get(key)
+        return value
+    except Exception:  # noqa: BLE001 - the cache is an optimisation: a Redis hiccup must not fail a search
+        return None
+
+
+async def _redis_set(svc: SearchServices, key: str, value: bytes | str, ttl: int) -> None:
+    with contextlib.suppress(Exception):  # a cache write that fails is a cache miss next time
+        await svc.redis.set(key, value, ex=ttl)
+
+
+async def generation(svc: SearchServices, tenant_id: uuid.UUID) -> str | None:
+    if svc.redis is None:
+        return None
+    try:
+        value = await svc.redis.get(GEN_KEY.format(tenant=tenant_id))
+    except Exception:  # noqa: BLE001
+        return None  # no generation, no cache: never serve a result we cannot prove fresh
+    return (value or b"0").decode()
+
+
+def invalidate(redis_client: Any, tenant_id: uuid.UUID) -> None:
+    """Bump the tenant's search generation (sync client; call after the change committed)."""
+    with contextlib.suppress(Exception):  # entries expire after search_cache_ttl_s anyway
+        redis_client.incr(GEN_KEY.format(tenant=tenant_id))
+
+
+# SQL ---------------------------------------------------------------------------------------------
+
+
+def _filter_sql(filters: SearchFilters | None, params: dict[str, Any]) -> str:
+    clauses = ["d.status = 'active'"]
+    if filters is None:
+        return " AND ".join(clauses)
+    if filters.document_ids is not None:
+        clauses.append("c.document_id = ANY(:f_doc_ids)")
+        params["f_doc_ids"] = list(filters.document_ids)
+    if filters.tags:
+        clauses.append("d.tags @> CAST(:f_tags AS text[])")
+        params["f_tags"] = list(filters.tags)
+    if filters.metadata:
+        clauses.append("d.metadata @> CAST(:f_meta AS jsonb)")
+        params["f_meta"] = json.dumps(filters.metadata)
+    if filters.content_types:
+        clauses.append(
+            "EXISTS (SELECT 1 FROM document_versions v"
+            " WHERE v.id = c.version_id AND v.content_type = ANY(:f_cts))"
+        )
+        params["f_cts"] = list(filters.content_types)
+    if filters.created_after is not None:
+        clauses.append("d.created_at >= :f_after")
+        params["f_after"] = filters.created_after
+    if filters.created_before is not None:
+        clauses.append("d.created_at <= :f_before")
+        params["f_before"] = filters.created_before
+    return " AND ".join(clauses)
+
+
+def vector_literal(vector: Sequence[float]) -> str:
+    return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
+
+
+async def vector_ranked(
+    session: AsyncSession,
+    vector: Sequence[float],
+    model: str,
+    filters: SearchFilters | None,
+    limit: int,
+    *,
+    ef_search: int,
+) -> list[Ranked]:
+    params: dict[str, Any] = {"q": vector_literal(vector), "model": model, "n": limit}
+    where = _filter_sql(filters, params)
+    await session.execute(
+        text(
+            "SELECT set_config('hnsw.ef_search', :ef, true),"
+            " set_config('hnsw.iterative_scan', 'relaxed_order', true)"
+        ),
+        {"ef": str(max(ef_search, limit))},
+    )
+    rows = await session.execute(
+        text(
+            f"""
+            WITH hits AS MATERIALIZED (
+                SELECT c.id, c.embedding <=> CAST(:q AS vector) AS distance
+                FROM chunks c JOIN documents d ON d.id = c.document_id
+                WHERE c.embedding_model = :model AND {where}
+                ORDER BY c.embedding <=> CAST(:q AS vector)
+                LIMIT :n
+            )
+            SELECT id, distance FROM hits ORDER BY distance, id
+            """
+        ),
+        params,
+    )
+    return [Ranked(int(r.id), 1.0 - float(r.distance), vector_rank=i) for i, r in enumerate(rows, 1)]
+
+
+OR_QUERY = "to_tsquery('simple', replace(plainto_tsquery('english', :query)::text, ' & ', ' | '))"
+
+
+async def fulltext_ranked(
+    session: AsyncSession, query: str, filters: SearchFilters | None, limit: int
+) -> list[Ranked]:
+    params: dict[str, Any] = {"query": query, "n": limit}
+    where = _filter_sql(filters, params)
+    rows = await session.execute(
+        text(
+            f"""
+            SELECT c.id, ts_rank(c.tsv, q, 1) AS rank
+            FROM chunks c JOIN documents d ON d.id = c.document_id, {OR_QUERY} AS q
+            WHERE c.tsv @@ q AND {where}
+            ORDER BY rank DESC, c.id
+            LIMIT :n
+            """
+        ),
+        params,
+    )
+    return [Ranked(int(r.id), float(r.rank), fulltext_rank=i) for i, r in enumerate(rows, 1)]
+
+
+def fuse(
+    vector: list[Ranked], fulltext: list[Ranked], *, k: int, w_vector: float, w_fulltext: float
+) -> list[Ranked]:
+    """Reciprocal-rank fusion: score = Σ w / (k + rank) over the lists a chunk appears in."""
+    fused: dict[int, Ranked] = {}
+    for r in vector:
+        fused[r.chunk_id] = Ranked(
+            r.chunk_id, w_vector / (k + (r.vector_rank or 0)), vector_rank=r.vector_rank
+        )
+    for r in fulltext:
+        entry = fused.setdefault(r.chunk_id, Ranked(r.chunk_id, 0.0))
+        entry.fulltext_rank = r.fulltext_rank
+        entry.score += w_fulltext / (k + (r.fulltext_rank or 0))
+    return sorted(fused.values(), key=lambda r: (-r.score, r.chunk_id))
+
+
+async def _rows(session: AsyncSession, ids: list[int]) -> dict[int, Any]:
+    if not ids:
+        return {}
+    rows = await session.execute(
+        text(
+            """
+            SELECT c.id, c.document_id, c.version_id, v.version, c.ordinal, d.title, c.page_start,
+                   c.page_end, c.char_start, c.char_end, c.text_enc, c.tenant_id
+            FROM chunks c
+            JOIN documents d ON d.id = c.document_id
+            JOIN document_versions v ON v.id = c.version_id
+            WHERE c.id = ANY(:ids) AND d.status = 'active' AND v.deleted_at IS NULL
+            """
+        ),
+        {"ids": ids},
+    )
+    return {int(r.id): r for r in rows}
+
+
+async def _headlines(session: AsyncSession, texts: list[str], query: str) -> list[str]:
+    if not texts:
+        return []
+    rows = await session.execute(
+        text(
+            f"""
+            SELECT ts_headline('english', u.t, {OR_QUERY}, :opts) AS h
+            FROM unnest(CAST(:texts AS text[])) WITH ORDINALITY AS u(t, i)
+            ORDER BY u.i
+            """
+        ),
+        {"texts": [html.escape(t, quote=False) for t in texts], "query": query, "opts": HEADLINE_OPTIONS},
+    )
+    return [r.h for r in rows]
+
+
+# The search --------------------------------------------------------------------------------------
+
+
+def _cache_digest(req: SearchRequest, model: str, settings: Settings) -> str:
+    material = {
+        "r": req.model_dump(mode="json"),
+        "m": model,
+        "s": [settings.search_candidates, settings.search_rrf_k, settings.search_hnsw_ef_search],
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+async def rank(
+    svc: SearchServices, session: AsyncSession, tenant_id: uuid.UUID, req: SearchRequest
+) -> tuple[list[Ranked], str, bool]:
+    """The ranked chunk ids for a request (top_k of them), the embedding model, and whether cached."""
+    s = svc.settings
+    if req.rerank:
+        raise RerankUnavailable(
+            "No reranker model is installed (none ships on PyPI for this appliance); search without rerank."
+        )
+    from appliance.inference.manifest import get_model
+
+    model = get_model(s.models_dir, name=s.embedding_model, purpose="embedding").name
+    gen = await generation(svc, tenant_id)
+    key = None
+    if gen is not None:
+        key = RESULT_KEY.format(tenant=tenant_id, gen=gen, digest=_cache_digest(req, model, s))
+        cached = await _redis_get(svc, key)
+        if cached is not None:
+            metrics.SEARCH_CACHE.labels("results", "hit").inc()
+            return [Ranked(*item) for item in json.loads(cached)], model, True
+        metrics.SEARCH_CACHE.labels("results", "miss").inc()
+    candidates = max(req.top_k, s.search_candidates if req.mode == "hybrid" else req.top_k)
+    vec: list[Ranked] = []
+    fts: list[Ranked] = []
+    if req.mode in ("vector", "hybrid"):
+        vector, model = await embed_query(svc, tenant_id, req.query)
+        vec = await vector_ranked(
+            session, vector, model, req.filters, candidates, ef_search=s.search_hnsw_ef_search
+        )
+    if req.mode in ("fulltext", "hybrid"):
+        fts = await fulltext_ranked(session, req.query, req.filters, candidates)
+    if req.mode == "vector":
+        ranked = vec
+    elif req.mode == "fulltext":
+        ranked = fts
+    else:
+        w = req.weights
+        ranked = fuse(
+            vec,
+            fts,
+            k=s.search_rrf_k,
+            w_vector=w.vector if w else s.search_vector_weight,
+            w_fulltext=w.fulltext if w else s.search_fulltext_weight,
+        )
+    ranked = ranked[: req.top_k]
+    if key is not None:
+        payload = json.dumps([[r.chunk_id, r.score, r.vector_rank, r.fulltext_rank] for r in ranked])
+        await _redis_set(svc, key, payload, s.search_cache_ttl_s)
+    return ranked, model, False
+
+
+async def materialize(
+    svc: SearchServices,
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    ranked: list[Ranked],
+    query: str,
+    *,
+    snippets: bool = True,
+) -> list[SearchResult]:
+    """Fetch, decrypt and shape the ranked chunks (dropping any no longer visible)."""
+    rows = await _rows(session, [r.chunk_id for r in ranked])
+    if not rows:
+        return []
+    dek = await tenant_dek(session, svc.keyring, tenant_id, create=False)
+    kept = [(r, rows[r.chunk_id]) for r in ranked if r.chunk_id in rows]
+    texts = [
+        open_bytes(
+            dek, BlobContext(row.tenant_id, "chunk", row.document_id, row.version_id), bytes(row.text_enc)
+        ).decode()
+        for _, row in kept
+    ]
+    heads = (
+        await _headlines(session, texts, query) if snippets else [html.escape(t, quote=False) for t in texts]
+    )
+    return [
+        SearchResult(
+            document_id=row.document_id,
+            version_id=row.version_id,
+            version=row.version,
+            chunk_id=row.id,
+            ordinal=row.ordinal,
+            title=row.title,
+            page_start=row.page_start,
+            page_end=row.page_end,
+            char_start=row.char_start,
+            char_end=row.char_end,
+            score=r.score,
+            vector_rank=r.vector_rank,
+            fulltext_rank=r.fulltext_rank,
+            text=t,
+            snippet=h,
+        )
+        for (r, row), t, h in zip(kept, texts, heads, strict=True)
+    ]
+
+
+async def search(
+    svc: SearchServices, session: AsyncSession, tenant_id: uuid.UUID, req: SearchRequest
+) -> SearchResponse:
+    ranked, model, cached = await rank(svc, session, tenant_id, req)
+    results = await materialize(svc, session, tenant_id, ranked, req.query)
+    return SearchResponse(query=req.query, mode=req.mode, model=model, cached=cached, results=results)
+
+
+def audit_details(req: SearchRequest, results: Sequence[SearchResult]) -> dict[str, Any]:
+    """What an auditor needs to know a search read: which chunks of which documents went out.
+    The query itself may be sensitive: recorded as its sha256."""
+    return {
+        "mode": req.mode,
+        "top_k": req.top_k,
+        "query_sha256": hashlib.sha256(req.query.encode()).hexdigest(),
+        "filters": req.filters.model_dump(mode="json", exclude_none=True) if req.filters else None,
+        "results": [{"document_id": str(r.document_id), "chunk_id": r.chunk_id} for r in results],
+    }
+
+
+_sync_redis: dict[str, Any] = {}
+
+
+def invalidate_after_commit(session: AsyncSession, tenant_id: uuid.UUID) -> None:
+    """Bump the tenant's search generation once this transaction commits (documents changed)."""
+    from appliance.db.engine import after_commit
+
+    def bump() -> None:
+        import redis
+
+        from appliance.settings import get_settings
+
+        url = get_settings().redis_url
+        client = _sync_redis.get(url)
+        if client is None:
+            client = _sync_redis[url] = redis.Redis.from_url(url, socket_timeout=2)
+        invalidate(client, tenant_id)
+
+    after_commit(session, bump)

@@ -1,0 +1,170 @@
+"""POST /api/v1/search over a real ingested corpus: modes, filters, isolation, deletion, caching."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.factories import bearer, ingest_pending
+from tests.search.conftest import Corpus, new_id, upload_text
+
+
+async def search(client: httpx.AsyncClient, key: str, **body: object) -> httpx.Response:
+    return await client.post("/api/v1/search", json=body, headers=bearer(key))
+
+
+def doc_ids(r: httpx.Response) -> list[str]:
+    return [x["document_id"] for x in r.json()["results"]]
+
+
+@pytest.mark.parametrize(
+    ("mode", "query", "expected"),
+    [
+        ("vector", "how often do we service the heating equipment", "boiler"),  # no shared keyword needed
+        ("fulltext", "receipts reimbursed", "travel"),
+        ("hybrid", "when can staff get a flu vaccination", "vaccine"),
+        ("hybrid", "how long are backups with personal data kept", "privacy"),
+    ],
+)
+async def test_each_mode_finds_the_right_document(
+    client: httpx.AsyncClient, corpus: Corpus, mode: str, query: str, expected: str
+) -> None:
+    r = await search(client, corpus.tenant.key, query=query, mode=mode, top_k=3)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["mode"] == mode and body["model"] == "all-minilm-l6-v2"
+    first = body["results"][0]
+    assert first["document_id"] == corpus.ids[expected]
+    assert first["title"] == expected and first["version"] == 1 and first["ordinal"] == 0
+    assert first["char_start"] == 0 and first["char_end"] > 100
+    scores = [x["score"] for x in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    if mode == "fulltext":
+        assert "<mark>" in first["snippet"] and first["fulltext_rank"] == 1 and first["vector_rank"] is None
+    if mode == "hybrid":
+        assert first["vector_rank"] is not None
+
+
+async def test_fulltext_matches_any_term_and_vector_ranks_everything(
+    client: httpx.AsyncClient, corpus: Corpus
+) -> None:
+    # "boiler" and "hepatitis" never occur in one document: OR semantics finds both.
+    r = await search(client, corpus.tenant.key, query="boiler hepatitis", mode="fulltext", top_k=10)
+    assert set(doc_ids(r)) == {corpus.ids["boiler"], corpus.ids["vaccine"]}
+    r = await search(client, corpus.tenant.key, query="anything at all", mode="vector", top_k=10)
+    assert sorted(doc_ids(r)) == sorted(corpus.ids.values())  # every chunk of the tenant, and only those
+
+
+async def test_filters(client: httpx.AsyncClient, corpus: Corpus) -> None:
+    key, ids = corpus.tenant.key, corpus.ids
+    q = "policy for records and schedules"
+    r = await search(client, key, query=q, mode="hybrid", top_k=10, filters={"tags": ["ops"]})
+    assert doc_ids(r) == [ids["boiler"]]  # selective: the one matching chunk still comes back
+    r = await search(client, key, query=q, mode="vector", top_k=10, filters={"metadata": {"dept": "travel"}})
+    assert doc_ids(r) == [ids["travel"]]
+    r = await search(
+        client,
+        key,
+        query=q,
+        mode="vector",
+        top_k=10,
+        filters={"document_ids": [ids["vaccine"], ids["privacy"]]},
+    )
+    assert sorted(doc_ids(r)) == sorted([ids["vaccine"], ids["privacy"]])
+    r = await search(
+        client, key, query=q, mode="vector", top_k=10, filters={"content_types": ["application/pdf"]}
+    )
+    assert r.json()["results"] == []
+    r = await search(client, key, query=q, mode="vector", top_k=10, filters={"content_types": ["text/plain"]})
+    assert len(r.json()["results"]) == 4
+    r = await search(client, key, query=q, mode="vector", filters={"created_after": "2100-01-01T00:00:00Z"})
+    assert r.json()["results"] == []
+    r = await search(client, key, query=q, mode="vector", filters={"created_before": "2100-01-01T00:00:00Z"})
+    assert len(r.json()["results"]) == 4
+    r = await search(client, key, query=q, filters={"document_ids": [new_id()]})
+    assert r.json()["results"] == []
+
+
+async def test_tenant_b_never_sees_tenant_a(client: httpx.AsyncClient, corpus: Corpus) -> None:
+    a_ids = set(corpus.ids.values())
+    for mode in ("vector", "fulltext", "hybrid"):
+        r = await search(
+            client, corpus.other.key, query="boiler pressure relief valve inspection", mode=mode, top_k=50
+        )
+        got = set(doc_ids(r))
+        assert got and not (got & a_ids), mode
+        assert corpus.other_ids["boiler"] in got
+        # A's document ids as a filter give B nothing either.
+        r = await search(
+            client, corpus.other.key, query="boiler", mode=mode, filters={"document_ids": list(a_ids)}
+        )
+        assert r.json()["results"] == []
+
+
+async def test_cache_and_invalidation_and_deletion(
+    client: httpx.AsyncClient, app, corpus: Corpus, app_db
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.factories import make_tenant
+
+    t = await make_tenant(app_db, role="editor")
+    doc = await upload_text(
+        client, t.key, "garden", "The garden hose is stored in the blue shed next to the compost bins."
+    )
+    await ingest_pending(app, t.id)
+    body = {"query": "where is the garden hose", "mode": "hybrid", "top_k": 5}
+    first = (await search(client, t.key, **body)).json()
+    again = (await search(client, t.key, **body)).json()
+    assert not first["cached"] and again["cached"]
+    assert again["results"] == first["results"]
+    # A new document changes the tenant's generation: the next search is computed afresh.
+    hose = await upload_text(
+        client, t.key, "hose", "Garden hose repair: replace the washer in the hose coupling."
+    )
+    await ingest_pending(app, t.id)
+    fresh = (await search(client, t.key, **body)).json()
+    assert not fresh["cached"] and hose in [x["document_id"] for x in fresh["results"]]
+    cached = (await search(client, t.key, **body)).json()
+    assert cached["cached"]
+    # Deletion: gone from results at once, whether cached or not.
+    assert (await client.delete(f"/api/v1/documents/{hose}", headers=bearer(t.key))).status_code == 204
+    for _ in range(2):
+        after = (await search(client, t.key, **body)).json()
+        assert hose not in [x["document_id"] for x in after["results"]]
+        assert doc in [x["document_id"] for x in after["results"]]
+
+
+async def test_a_new_version_replaces_the_old_one_in_results(client: httpx.AsyncClient, app, app_db) -> None:  # type: ignore[no-untyped-def]
+    from tests.factories import make_tenant
+
+    t = await make_tenant(app_db, role="editor")
+    doc = await upload_text(client, t.key, "menu", "The canteen serves lentil soup on Mondays.")
+    await ingest_pending(app, t.id)
+    r = await client.post(
+        f"/api/v1/documents/{doc}/versions",
+        content=b"The canteen serves tomato soup on Mondays and lentil stew on Fridays.",
+        headers={**bearer(t.key), "Content-Type": "text/plain", "X-Filename": "menu.txt"},
+    )
+    assert r.status_code == 201, r.text
+    await ingest_pending(app, t.id)
+    res = (await search(client, t.key, query="soup", mode="fulltext", top_k=10)).json()["results"]
+    assert [(x["document_id"], x["version"]) for x in res] == [(doc, 2)]
+    assert "tomato" in res[0]["text"]
+
+
+async def test_bad_requests_are_problems(client: httpx.AsyncClient, corpus: Corpus) -> None:
+    key = corpus.tenant.key
+    cases = [
+        ({"query": "x", "mode": "sideways"}, 422, "validation_error"),
+        ({"query": "", "mode": "vector"}, 422, "validation_error"),
+        ({"query": "x", "top_k": 0}, 422, "validation_error"),
+        ({"query": "x", "filters": {"colour": "red"}}, 422, "validation_error"),
+        ({"query": "x", "rerank": True}, 422, "rerank_unavailable"),
+        ({"query": "word " * 400, "mode": "vector"}, 422, "query_too_long"),
+    ]
+    for body, status, code in cases:
+        r = await search(client, key, **body)
+        assert r.status_code == status, (body, r.text)
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["code"] == code, r.json()
+    r = await client.post("/api/v1/search", json={"query": "x"})
+    assert r.status_code == 401
