@@ -182,3 +182,81 @@ def build(
             soft_wrap=True,
         )
     console.print(f"models ready in {time.monotonic() - start:.1f}s", highlight=False)
+
+
+@app.command("add")
+def add(
+    file: Annotated[Path, typer.Argument(help="The GGUF file to register.", show_default=False)],
+    sha256: Annotated[str, typer.Option("--sha256", help="The file's expected sha256 (from its supplier).")],
+    purpose: Annotated[str, typer.Option("--purpose", help="chat or embedding.")],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Model name (default: from the file name).")
+    ] = None,
+    n_ctx: Annotated[
+        int | None, typer.Option("--n-ctx", help="Context length (default: trained, max 8192).")
+    ] = None,
+    n_gpu_layers: Annotated[
+        int, typer.Option("--n-gpu-layers", help="Layers offloaded to the GPU (-1: all; 0: CPU only).")
+    ] = 0,
+    chat_format: Annotated[
+        str | None,
+        typer.Option("--chat-format", help="llama-cpp-python chat format when the GGUF has no template."),
+    ] = None,
+    pooling: Annotated[str | None, typer.Option("--pooling", help="Embedding models: mean or cls.")] = None,
+    license_name: Annotated[
+        str, typer.Option("--license", help="Licence recorded with the model.")
+    ] = "customer-supplied",
+    link: Annotated[
+        bool,
+        typer.Option("--link", help="Symlink the file instead of copying it (huge files on the same host)."),
+    ] = False,
+    models_dir: ModelsDirOption = None,
+) -> None:
+    """Register your own GGUF model: copied into models/gguf/, sha256-checked, header validated."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from appliance.inference.register import RegisterError, add_model
+
+    mdir = _models_dir(models_dir)
+    size = file.stat().st_size if file.is_file() else 0
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("link + sha256" if link else "copy + sha256", total=size)
+        try:
+            entry = add_model(
+                mdir,
+                file,
+                sha256=sha256,
+                purpose=purpose,
+                name=name,
+                n_ctx=n_ctx,
+                n_gpu_layers=n_gpu_layers,
+                chat_format=chat_format,
+                pooling=pooling,
+                license=license_name,
+                link=link,
+                progress=lambda n: bar.advance(task, n),
+            )
+        except RegisterError as exc:
+            fail(str(exc))
+        except OSError as exc:
+            fail(f"adding {file} failed: {exc}")
+    var = "APPLIANCE_CHAT_MODEL" if entry["purpose"] == "chat" else "APPLIANCE_EMBEDDING_MODEL"
+    console.print(
+        f"[green]✓[/] registered {entry['name']} ({entry['purpose']}, {_human(entry['size'])}, "
+        f"n_ctx {entry.get('n_ctx')}, n_gpu_layers {entry.get('n_gpu_layers')})",
+        highlight=False,
+    )
+    console.print(
+        f"Use it: set {var}={entry['name']} in appliance.env and restart (`appliance down && appliance up`)."
+    )
+    if entry["purpose"] == "embedding":
+        console.print(
+            "A new embedding model needs a re-index: `appliance reindex --model " + entry["name"] + "`."
+        )

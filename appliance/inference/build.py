@@ -375,6 +375,11 @@ def build_model(
     reason = check_file(dest, size=spec.size, sha256=spec.sha256)
     if reason is None:
         return BuildResult(spec.name, dest, "present", time.monotonic() - start)
+    if spec.source is None:  # registered with `appliance models add`: nothing to rebuild it from
+        raise BuildError(
+            f"{spec.name}: {dest}: {reason}; it was added with `appliance models add` and has no source "
+            "to rebuild from: add the file again"
+        )
     if reason != "missing":
         progress(f"{spec.name}: {dest} is wrong ({reason}); replacing it")
 

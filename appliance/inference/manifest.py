@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_NAME = "manifest.toml"
+# Models an operator registered on this host (`appliance models add`): same format, not in git.
+LOCAL_MANIFEST_NAME = "manifest.local.toml"
 GGUF_SUBDIR = "gguf"
 PURPOSES = ("embedding", "chat")
 HASH_CHUNK = 1024 * 1024
@@ -253,16 +255,29 @@ def parse_manifest(text: str, *, origin: str = MANIFEST_NAME) -> list[ModelSpec]
     return specs
 
 
-def load_manifest(models_dir: Path) -> list[ModelSpec]:
-    """Parse `<models_dir>/manifest.toml`; `ManifestError` with a one-line reason when missing/invalid."""
-    path = manifest_path(models_dir)
+def _read(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ManifestError(f"models manifest not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"cannot read models manifest {path}: {exc}") from None
-    return parse_manifest(text, origin=str(path))
+
+
+def load_manifest(models_dir: Path) -> list[ModelSpec]:
+    """The shipped `manifest.toml` followed by the host's `manifest.local.toml` (models an operator
+    added); `ManifestError` with a one-line reason when missing/invalid or when a name repeats."""
+    path = manifest_path(models_dir)
+    specs = parse_manifest(_read(path), origin=str(path))
+    local = Path(models_dir) / LOCAL_MANIFEST_NAME
+    if local.exists():
+        text = _read(local)
+        if "[[model]]" in text:
+            for spec in parse_manifest(text, origin=str(local)):
+                if any(s.name == spec.name or s.file == spec.file for s in specs):
+                    raise ManifestError(f"invalid models manifest {local}: {spec.name!r} repeats a model")
+                specs.append(spec)
+    return specs
 
 
 def get_model(models_dir: Path, name: str | None = None, purpose: str | None = None) -> ModelSpec:
