@@ -25,6 +25,7 @@ from appliance.db.engine import Database
 from appliance.documents.routes import router as documents_router
 from appliance.documents.service import Services
 from appliance.documents.signing import UrlSigner
+from appliance.enrich.routes import router as enrich_router
 from appliance.errors import PROBLEM_MEDIA_TYPE, AppError, problem_body
 from appliance.health.routes import router as health_router
 from appliance.inference.llm import LLMClient
@@ -35,7 +36,7 @@ from appliance.keys.service import TenantKeyDestroyed
 from appliance.logs import configure_logging, get_logger
 from appliance.openai_compat import router as openai_router
 from appliance.search.routes import router as search_router
-from appliance.search.service import SearchServices
+from appliance.search.service import SearchServices, search_server_settings
 from appliance.settings import Settings, get_settings
 from appliance.storage.base import ObjectNotFound, StorageError
 from appliance.storage.factory import build_store
@@ -229,7 +230,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.db = Database(settings.app_database_url, pool_size=settings.db_pool_size)
+        app.state.db = Database(
+            settings.app_database_url,
+            pool_size=settings.db_pool_size,
+            server_settings=search_server_settings(settings),
+        )
         app.state.redis = aioredis.from_url(settings.redis_url, socket_timeout=5, health_check_interval=30)
         app.state.store = build_store(settings)
         app.state.keyring = Keyring.from_settings(settings)
@@ -265,6 +270,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tenants_router, prefix=api_prefix)
     app.include_router(documents_router, prefix=api_prefix)
     app.include_router(jobs_router, prefix=api_prefix)
+    app.include_router(enrich_router, prefix=api_prefix)
     app.include_router(search_router, prefix=api_prefix)
     app.include_router(answers_router, prefix=api_prefix)
     app.include_router(openai_router, prefix="/v1")

@@ -58,7 +58,7 @@ SEARCH_CACHE = Counter(
 AUTH_FAILURES = Counter("appliance_auth_failures_total", "Rejected API keys by reason.", ["reason"])
 
 
-QUEUES = ("ingest", "maintenance", "system")
+QUEUES = ("ingest", "enrich", "maintenance", "system")
 
 
 class QueueDepthCollector:

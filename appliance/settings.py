@@ -102,6 +102,15 @@ class Settings(BaseSettings):
     search_fulltext_weight: float = 1.0
     search_cache_ttl_s: int = 300
 
+    # Enrichment jobs (docs/enrichment.md), asked for per upload with ?summarize=true / ?classify=true.
+    summary_max_tokens: int = 256  # the summary's length (and each partial summary's, for long documents)
+    summary_max_chunks: int = 200  # longer documents are summarised from this many chunks, evenly spread
+    # classify by embedding: labels whose cosine similarity to the document reaches the threshold are
+    # assigned (the best one always is), at most classify_max_labels of them. all-minilm-l6-v2 puts
+    # related label/document pairs around 0.3-0.6 and unrelated ones below 0.2 (tests/enrich measure it).
+    classify_threshold: float = 0.3
+    classify_max_labels: int = 5
+
     # Keys.
     master_key_file: Path | None = None
     # Alternative to the key file: derive the master key from a passphrase (Argon2id). Supply it at

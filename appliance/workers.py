@@ -124,6 +124,17 @@ def ingest_version(tenant_id: str, job_id: str) -> None:
     log.info("ingest job", job_id=job_id, outcome=outcome)
 
 
+@dramatiq.actor(
+    queue_name="maintenance", max_retries=50, min_backoff=2_000, max_backoff=300_000, time_limit=3_600_000
+)
+def reindex_version(tenant_id: str, job_id: str) -> None:
+    """Re-embed one version's chunks with the target embedding model (appliance.ingest.reindex)."""
+    from appliance.ingest.reindex import run_reindex
+
+    outcome = run_async(lambda svc: run_reindex(svc, uuid.UUID(tenant_id), uuid.UUID(job_id)))
+    log.info("reindex job", job_id=job_id, outcome=outcome)
+
+
 @dramatiq.actor(queue_name="maintenance", max_retries=10, min_backoff=2_000, max_backoff=300_000)
 def purge_document(tenant_id: str, document_id: str) -> None:
     """Remove a deleted document's blobs and rows (idempotent: a retry finds nothing left to do)."""
@@ -136,3 +147,27 @@ def purge_document(tenant_id: str, document_id: str) -> None:
 
     removed = run_async(run)
     log.info("purged document", document_id=document_id, versions=removed)
+
+
+# Enrichment: LLM work can take minutes, so it has its own queue (ingest messages are not stuck behind
+# it in Redis); the retry policy is ingest's (backoff 2 s … 5 min, bounded by the job's max_attempts).
+@dramatiq.actor(
+    queue_name="enrich", max_retries=50, min_backoff=2_000, max_backoff=300_000, time_limit=3_600_000
+)
+def summarize_version(tenant_id: str, job_id: str) -> None:
+    """Summarise one indexed version with the chat model (appliance.enrich.tasks)."""
+    from appliance.enrich.tasks import run_summarize
+
+    outcome = run_async(lambda svc: run_summarize(svc, uuid.UUID(tenant_id), uuid.UUID(job_id)))
+    log.info("summarize job", job_id=job_id, outcome=outcome)
+
+
+@dramatiq.actor(
+    queue_name="enrich", max_retries=50, min_backoff=2_000, max_backoff=300_000, time_limit=3_600_000
+)
+def classify_version(tenant_id: str, job_id: str) -> None:
+    """Assign the tenant's labels to one indexed version (appliance.enrich.tasks)."""
+    from appliance.enrich.tasks import run_classify
+
+    outcome = run_async(lambda svc: run_classify(svc, uuid.UUID(tenant_id), uuid.UUID(job_id)))
+    log.info("classify job", job_id=job_id, outcome=outcome)

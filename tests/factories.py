@@ -67,3 +67,31 @@ async def ingest_pending(app: object, tenant_id: uuid.UUID) -> list[str]:
             .all()
         )
     return [await run_ingest(svc, tenant_id, job_id) for job_id in ids]
+
+
+async def enrich_pending(
+    app: object, tenant_id: uuid.UUID, *, settings: object | None = None
+) -> list[tuple[str, str]]:
+    """Run the tenant's queued summarize/classify jobs in this process through the real job functions
+    (as ingest_pending does for ingest), oldest first. `settings` overrides the app's (e.g. another
+    LLM URL). Returns (kind, outcome) pairs; an error a worker would retry propagates."""
+    from sqlalchemy import select
+
+    from appliance.enrich.tasks import run_classify, run_summarize
+    from appliance.ingest.pipeline import WorkerServices
+    from appliance.jobs.models import Job
+
+    state = app.state  # type: ignore[attr-defined]
+    svc = WorkerServices(
+        settings=settings or state.settings, db=state.db, keyring=state.keyring, store=state.store
+    )
+    async with state.db.transaction(tenant_id=tenant_id) as session:
+        jobs = (
+            await session.execute(
+                select(Job.id, Job.kind)
+                .where(Job.kind.in_(("summarize", "classify")), Job.status.in_(("queued", "retrying")))
+                .order_by(Job.created_at, Job.kind.desc())
+            )
+        ).all()
+    runners = {"summarize": run_summarize, "classify": run_classify}
+    return [(kind, await runners[kind](svc, tenant_id, job_id)) for job_id, kind in jobs]

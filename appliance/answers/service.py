@@ -69,17 +69,13 @@ async def retrieve(
 ) -> tuple[list[SearchResult], float | None]:
     """Hybrid-ranked passages for `question` and the best cosine similarity among them."""
     s = svc.settings
-    vector, model = await search.embed_query(svc, tenant_id, question)
     candidates = max(top_k, s.search_candidates)
-    vec = await search.vector_ranked(
-        session, vector, model, filters, candidates, ef_search=s.search_hnsw_ef_search
-    )
+    vec, best = await search.vector_candidates(svc, session, tenant_id, question, filters, candidates)
     fts = await search.fulltext_ranked(session, question, filters, candidates)
     fused = search.fuse(
         vec, fts, k=s.search_rrf_k, w_vector=s.search_vector_weight, w_fulltext=s.search_fulltext_weight
     )
     passages = await search.materialize(svc, session, tenant_id, fused[:top_k], question, snippets=False)
-    best = vec[0].score if vec else None
     return passages, best
 
 

@@ -86,10 +86,10 @@ async def flush_pending(session: AsyncSession) -> None:
     ).one()
     seq, prev_hash = int(head.seq), bytes(head.hash)
     txn_tenant = session.info.get("tenant_id")
-    current_guc: object = txn_tenant
+    rows: list[dict[str, Any]] = []
     for event in pending:
         seq += 1
-        row = {
+        row: dict[str, Any] = {
             "seq": seq,
             "id": event.id,
             "occurred_at": event.occurred_at,
@@ -106,14 +106,20 @@ async def flush_pending(session: AsyncSession) -> None:
         }
         row["prev_hash"] = prev_hash
         row["hash"] = prev_hash = link_hash(prev_hash, row)
-        if event.tenant_id != current_guc:
-            # RLS checks each row against the transaction's tenant: write each under its own.
-            await _set_guc(session, event.tenant_id)
-            current_guc = event.tenant_id
+        rows.append(row)
+    head_update = update(AuditChainHead).where(AuditChainHead.id == 1).values(seq=seq, hash=prev_hash)
+    if all(row["tenant_id"] == txn_tenant for row in rows):
+        # The usual case (one request, one tenant): the rows and the new head in one statement.
+        await session.execute(head_update.add_cte(insert(AuditEvent).values(rows).cte("audit_rows")))
+        return
+    # RLS checks each row against the transaction's tenant: write each under its own.
+    current_guc: uuid.UUID | None = txn_tenant
+    for row in rows:
+        if row["tenant_id"] != current_guc:
+            await _set_guc(session, row["tenant_id"])
+            current_guc = row["tenant_id"]
         await session.execute(insert(AuditEvent).values(**row))
-    await session.execute(
-        update(AuditChainHead).where(AuditChainHead.id == 1).values(seq=seq, hash=prev_hash)
-    )
+    await session.execute(head_update)
     if current_guc != txn_tenant:
         await _set_guc(session, txn_tenant)
 

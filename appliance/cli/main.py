@@ -10,6 +10,7 @@ from appliance.cli import ingest as ingest_cli
 from appliance.cli import jobs as jobs_cli
 from appliance.cli import keys as keys_cli
 from appliance.cli import models as models_cli
+from appliance.cli import reindex as reindex_cli
 from appliance.cli import server as server_cli
 from appliance.cli import tenants as tenants_cli
 
@@ -30,6 +31,7 @@ app.command("up")(server_cli.up)
 app.command("down")(server_cli.down)
 app.command("status")(server_cli.status)
 app.command("ingest")(ingest_cli.ingest)
+app.command("reindex")(reindex_cli.reindex)
 
 
 def main() -> None:

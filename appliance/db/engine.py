@@ -24,7 +24,19 @@ TENANT_GUC = "app.tenant_id"
 class Database:
     """One async engine per process and role."""
 
-    def __init__(self, url: str, *, pool_size: int = 5, echo: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 5,
+        echo: bool = False,
+        server_settings: dict[str, str] | None = None,
+    ) -> None:
+        # `server_settings` become session defaults at connection start (libpq `options`): no round
+        # trip per transaction for settings that never change in a process (pgvector's HNSW ones).
+        connect_args = {}
+        if server_settings:
+            connect_args["options"] = " ".join(f"-c {k}={v}" for k, v in server_settings.items())
         self.engine: AsyncEngine = create_async_engine(
             url,
             pool_size=pool_size,
@@ -32,8 +44,15 @@ class Database:
             pool_pre_ping=True,
             pool_recycle=1800,
             echo=echo,
+            connect_args=connect_args,
         )
-        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        self.server_settings = dict(server_settings or {})
+        self.sessionmaker = async_sessionmaker(
+            self.engine,
+            expire_on_commit=False,
+            autoflush=False,
+            info={"server_settings": self.server_settings},
+        )
 
     async def dispose(self) -> None:
         await self.engine.dispose()
@@ -96,3 +115,10 @@ def _drop_pending(session: Session) -> None:
 @event.listens_for(Session, "after_commit")
 def _clear_tenant(session: Session) -> None:
     session.info.pop("tenant_id", None)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_tenant(session: Session, transaction: Any) -> None:
+    """`set_tenant` is transaction-local (`set_config(..., true)`): so is what the session remembers."""
+    if transaction.parent is None:
+        session.info.pop("tenant_id", None)

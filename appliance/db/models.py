@@ -3,6 +3,7 @@
 from appliance.audit.models import AuditChainHead, AuditEvent
 from appliance.auth.models import ApiKey
 from appliance.documents.models import Document, DocumentVersion
+from appliance.enrich.models import DocumentEnrichment, Label
 from appliance.ingest.models import Chunk
 from appliance.jobs.models import Job
 from appliance.keys.models import TenantKey
@@ -14,8 +15,10 @@ __all__ = [
     "AuditEvent",
     "Chunk",
     "Document",
+    "DocumentEnrichment",
     "DocumentVersion",
     "Job",
+    "Label",
     "Tenant",
     "TenantKey",
 ]

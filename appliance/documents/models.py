@@ -48,6 +48,9 @@ class DocumentVersion(UUIDPrimaryKey, Base):
     text_object_key: Mapped[str | None] = mapped_column(String(200))
     text_chars: Mapped[int | None] = mapped_column(BigInteger)
     page_count: Mapped[int | None] = mapped_column(Integer)
+    # The enrichment asked for by this version's uploads (appliance.enrich.schemas.EnrichRequest as
+    # JSON): the job that indexes the version creates the summarize/classify jobs from it.
+    enrich: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
     created_by: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -27,6 +27,7 @@ from appliance.documents.schemas import (
 )
 from appliance.documents.signing import DownloadGrant, InvalidDownloadUrl, UrlSigner
 from appliance.documents.upload import BadUpload, PayloadTooLarge
+from appliance.enrich.schemas import CLASSIFY_DOC, SUMMARIZE_DOC, ClassifyParam, EnrichRequest
 from appliance.errors import AppError, Forbidden, NotFound, Unauthorized, problem_responses
 
 router = APIRouter(tags=["documents"])
@@ -38,7 +39,16 @@ UPLOAD_DOC = (
     "Send the bytes either as `multipart/form-data` (a `file` part and an optional `metadata` part with "
     "JSON `{title, tags, extra}`) or as the raw body (any content type; `X-Filename` names it, "
     "`metadata` may be given as a query parameter). The content type is sniffed from the bytes. "
-    "201 when stored, 200 when the tenant already has these exact bytes (nothing stored twice)."
+    "201 when stored, 200 when the tenant already has these exact bytes (nothing stored twice).\n\n"
+    "Enrichment (optional): `summarize=true` asks for an LLM summary and `classify=true` (or `embedding`, "
+    "or `llm`) for the tenant's labels (`PUT /api/v1/labels`); both also in the `metadata` JSON. They run "
+    "as `summarize` / `classify` jobs once the document is indexed, and show on the document as "
+    "`summary`, `labels` and `enrichment_jobs`. Asking again with the same bytes (the 200 case) schedules "
+    "them for the stored version: at once when it is already indexed."
+)
+VERSION_DOC = (
+    "A new version of the document (the raw body, or multipart with a `file` part). `summarize` and "
+    "`classify` ask for enrichment of this version, as on `POST /api/v1/documents`."
 )
 
 
@@ -48,6 +58,10 @@ def services(request: Request) -> service.Services:
 
 
 Svc = Annotated[service.Services, Depends(services)]
+
+
+SummarizeQuery = Annotated[bool, Query(description=SUMMARIZE_DOC)]
+ClassifyQuery = Annotated[ClassifyParam | None, Query(description=CLASSIFY_DOC)]
 
 
 def _metadata_param(metadata: str | None) -> dict[str, Any]:
@@ -78,6 +92,8 @@ async def upload_document(
     svc: Svc,
     x_filename: str | None = Header(default=None),
     metadata: str | None = Query(default=None, description="JSON object (raw uploads)."),
+    summarize: SummarizeQuery = False,
+    classify: ClassifyQuery = None,
 ) -> Response:
     assert principal.tenant_id is not None
     out, created = await service.upload_document(
@@ -88,6 +104,7 @@ async def upload_document(
         content_type=request.headers.get("content-type"),
         filename=x_filename,
         metadata=_metadata_param(metadata),
+        enrichment=EnrichRequest.from_params(summarize, classify),
     )
     return JSONResponse(
         out.model_dump(mode="json"),
@@ -100,6 +117,7 @@ async def upload_document(
 async def list_documents(
     principal: Viewer,
     session: SessionDep,
+    svc: Svc,
     tag: str | None = Query(default=None),
     content_type: str | None = Query(default=None),
     created_after: datetime | None = Query(default=None),
@@ -120,7 +138,9 @@ async def list_documents(
         cursor=cursor,
         limit=limit,
     )
-    return DocumentList(items=[service.document_out(d, v) for d, v in rows], next_cursor=next_cursor)
+    return DocumentList(
+        items=await service.documents_out(session, svc.keyring, rows), next_cursor=next_cursor
+    )
 
 
 @router.get(
@@ -128,9 +148,13 @@ async def list_documents(
     response_model=DocumentOut,
     responses=problem_responses(Unauthorized, Forbidden, NotFound),
 )
-async def get_document(document_id: uuid.UUID, principal: Viewer, session: SessionDep) -> DocumentOut:
+async def get_document(
+    document_id: uuid.UUID, principal: Viewer, session: SessionDep, svc: Svc
+) -> DocumentOut:
+    """The document, its current version, and that version's summary, labels and enrichment jobs."""
     doc = await service.get_document(session, document_id)
-    return service.document_out(doc, await service.get_version(session, doc, None))
+    current = await service.get_version(session, doc, None)
+    return (await service.documents_out(session, svc.keyring, [(doc, current)]))[0]
 
 
 @router.delete(
@@ -148,6 +172,7 @@ async def delete_document(document_id: uuid.UUID, principal: Editor, session: Se
     "/documents/{document_id}/versions",
     response_model=VersionOut,
     status_code=201,
+    description=VERSION_DOC,
     responses={
         200: {"model": VersionOut, "description": "These bytes are already stored"},
         **problem_responses(Unauthorized, Forbidden, NotFound, PayloadTooLarge, BadUpload),
@@ -159,6 +184,8 @@ async def add_version(
     principal: Editor,
     svc: Svc,
     x_filename: str | None = Header(default=None),
+    summarize: SummarizeQuery = False,
+    classify: ClassifyQuery = None,
 ) -> Response:
     assert principal.tenant_id is not None
     out, created = await service.add_version(
@@ -169,6 +196,7 @@ async def add_version(
         body=request.stream(),
         content_type=request.headers.get("content-type"),
         filename=x_filename,
+        enrichment=EnrichRequest.from_params(summarize, classify),
     )
     return JSONResponse(out.model_dump(mode="json"), status_code=201 if created else 200)
 

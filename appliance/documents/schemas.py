@@ -6,6 +6,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from appliance.enrich.schemas import (
+    CLASSIFY_DOC,
+    SUMMARIZE_DOC,
+    AssignedLabel,
+    ClassifyMethod,
+    EnrichmentJobOut,
+    SummaryOut,
+)
+
 
 class DocumentMetadata(BaseModel):
     """The optional `metadata` part of an upload (JSON)."""
@@ -15,6 +24,9 @@ class DocumentMetadata(BaseModel):
     title: str | None = Field(default=None, max_length=500)
     tags: list[str] = Field(default_factory=list, max_length=50)
     extra: dict[str, Any] = Field(default_factory=dict, description="Free JSON, kept as given.")
+    # Enrichment options, the same as the `summarize` and `classify` query parameters (either asks).
+    summarize: bool = Field(default=False, description=SUMMARIZE_DOC)
+    classify: ClassifyMethod | bool = Field(default=False, description=CLASSIFY_DOC)
 
     @field_validator("tags")
     @classmethod
@@ -52,6 +64,19 @@ class DocumentOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     current_version: VersionOut
+    summary: SummaryOut | None = Field(
+        default=None,
+        description="The current version's summary (upload with `summarize=true`), once its job succeeded.",
+    )
+    labels: list[AssignedLabel] = Field(
+        default_factory=list,
+        description="The tenant's labels assigned to the current version (upload with `classify=true`), "
+        "best first.",
+    )
+    enrichment_jobs: list[EnrichmentJobOut] = Field(
+        default_factory=list,
+        description="The current version's summarize/classify jobs and their status (details at /jobs/{id}).",
+    )
 
 
 class DocumentList(BaseModel):

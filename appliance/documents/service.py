@@ -26,6 +26,8 @@ from appliance.db.engine import Database, after_commit, set_tenant
 from appliance.documents.models import Document, DocumentVersion
 from appliance.documents.schemas import DocumentMetadata, DocumentOut, VersionOut
 from appliance.documents.upload import StagedBlob, new_ids, stage_upload
+from appliance.enrich import service as enrich
+from appliance.enrich.schemas import EnrichRequest
 from appliance.errors import AppError, NotFound
 from appliance.jobs.service import create_job
 from appliance.keys.envelope import BlobContext, BlobReader
@@ -60,7 +62,10 @@ def version_out(v: DocumentVersion) -> VersionOut:
     )
 
 
-def document_out(d: Document, current: DocumentVersion) -> DocumentOut:
+def document_out(
+    d: Document, current: DocumentVersion, enrichment: enrich.EnrichmentView | None = None
+) -> DocumentOut:
+    view = enrichment or enrich.EnrichmentView()
     return DocumentOut(
         id=d.id,
         title=d.title,
@@ -70,7 +75,18 @@ def document_out(d: Document, current: DocumentVersion) -> DocumentOut:
         created_at=d.created_at,
         updated_at=d.updated_at,
         current_version=version_out(current),
+        summary=view.summary,
+        labels=view.labels,
+        enrichment_jobs=view.jobs,
     )
+
+
+async def documents_out(
+    session: AsyncSession, keyring: Keyring, rows: Sequence[tuple[Document, DocumentVersion]]
+) -> list[DocumentOut]:
+    """Documents with their current version's enrichment (summary, labels, job statuses), batched."""
+    views = await enrich.views(session, keyring, [v for _, v in rows])
+    return [document_out(d, v, views.get(v.id)) for d, v in rows]
 
 
 def _parse_metadata(raw: dict[str, Any]) -> DocumentMetadata:
@@ -229,10 +245,11 @@ async def _store_blob(svc: Services, staged: StagedBlob) -> str:
     return key
 
 
-async def _existing(svc: Services, tenant_id: uuid.UUID, dup: DocumentVersion) -> tuple[DocumentOut, bool]:
+async def _existing(
+    svc: Services, tenant_id: uuid.UUID, dup: DocumentVersion, wanted: EnrichRequest
+) -> tuple[DocumentOut, bool]:
     async with svc.db.transaction(tenant_id=tenant_id) as session:
         doc = await get_document(session, dup.document_id)
-        current = await get_version(session, doc, None)
         audit.record(
             session,
             "document.upload",
@@ -240,7 +257,9 @@ async def _existing(svc: Services, tenant_id: uuid.UUID, dup: DocumentVersion) -
             resource_id=doc.id,
             details={"deduplicated": True, "version_id": str(dup.id), "sha256": dup.content_sha256.hex()},
         )
-        return document_out(doc, current), False
+        await enrich.request_enrichment(session, dup.id, wanted)
+        current = await get_version(session, doc, None)
+        return (await documents_out(session, svc.keyring, [(doc, current)]))[0], False
 
 
 T = TypeVar("T")
@@ -255,8 +274,10 @@ async def _add_version_row(
     version_id: uuid.UUID,
     number: int,
     actor_key: uuid.UUID | None,
+    wanted: EnrichRequest,
 ) -> DocumentVersion:
-    """Insert a version and, in the same transaction, the job that will ingest it (the outbox)."""
+    """Insert a version and, in the same transaction, the job that will ingest it (the outbox). The
+    enrichment it asks for is recorded on it: its ingest job creates those jobs when it succeeds."""
     version = DocumentVersion(
         id=version_id,
         tenant_id=tenant_id,
@@ -268,6 +289,7 @@ async def _add_version_row(
         source_filename=staged.filename,
         object_key=key,
         stored_size=staged.stored_size,
+        enrich=wanted.to_json(),
         created_by=actor_key,
         created_at=datetime.now(UTC),
     )
@@ -314,16 +336,23 @@ async def upload_document(
     content_type: str | None,
     filename: str | None,
     metadata: dict[str, Any] | None = None,
+    enrichment: EnrichRequest | None = None,
 ) -> tuple[DocumentOut, bool]:
-    """Store a new document, or return the tenant's existing one with the same bytes (created=False)."""
+    """Store a new document, or return the tenant's existing one with the same bytes (created=False).
+
+    `enrichment` (and the metadata's `summarize`/`classify`) asks for a summary and labels: recorded
+    on the version and scheduled when it is indexed, or at once when the duplicate is already ready."""
     document_id, version_id = new_ids()
     staged = await _stage(svc, tenant_id, document_id, version_id, body, content_type, filename)
     try:
         meta = _parse_metadata({**(metadata or {}), **staged.metadata})
+        wanted = (enrichment or EnrichRequest()).merge(
+            EnrichRequest.from_params(meta.summarize, meta.classify)
+        )
         async with svc.db.transaction(tenant_id=tenant_id) as session:
             dup = await _find_duplicate(session, staged.sha256)
         if dup is not None:
-            return await _existing(svc, tenant_id, dup)
+            return await _existing(svc, tenant_id, dup, wanted)
 
         async def write(session: AsyncSession, key: str) -> DocumentOut:
             doc = Document(
@@ -338,7 +367,7 @@ async def upload_document(
             session.add(doc)
             await session.flush()
             version = await _add_version_row(
-                session, staged, key, tenant_id, document_id, version_id, 1, actor_key
+                session, staged, key, tenant_id, document_id, version_id, 1, actor_key, wanted
             )
             await session.refresh(doc)
             audit.record(
@@ -351,11 +380,14 @@ async def upload_document(
                     "size": staged.size,
                     "content_type": staged.content_type,
                     "sha256": staged.sha256.hex(),
+                    **({"enrich": wanted.to_json()} if wanted.kinds else {}),
                 },
             )
             return document_out(doc, version)
 
-        return await _commit_blob(svc, staged, tenant_id, write, lambda dup: _existing(svc, tenant_id, dup))
+        return await _commit_blob(
+            svc, staged, tenant_id, write, lambda dup: _existing(svc, tenant_id, dup, wanted)
+        )
     finally:
         staged.discard()
 
@@ -369,7 +401,9 @@ async def add_version(
     body: AsyncIterator[bytes],
     content_type: str | None,
     filename: str | None,
+    enrichment: EnrichRequest | None = None,
 ) -> tuple[VersionOut, bool]:
+    wanted = enrichment or EnrichRequest()
     async with svc.db.transaction(tenant_id=tenant_id) as session:
         await get_document(session, document_id)
     version_id = uuid.uuid4()
@@ -385,6 +419,7 @@ async def add_version(
                     resource_id=document_id,
                     details={"deduplicated": True, "version_id": str(dup.id)},
                 )
+                await enrich.request_enrichment(session, dup.id, wanted)
                 return version_out(dup), False
 
         async def write(session: AsyncSession, key: str) -> VersionOut:
@@ -399,7 +434,7 @@ async def add_version(
                 raise NotFound(f"No document {document_id}.", code="document_not_found")
             number = doc.current_version + 1
             version = await _add_version_row(
-                session, staged, key, tenant_id, document_id, version_id, number, actor_key
+                session, staged, key, tenant_id, document_id, version_id, number, actor_key, wanted
             )
             doc.current_version = number
             audit.record(
@@ -412,11 +447,14 @@ async def add_version(
                     "version": number,
                     "size": staged.size,
                     "sha256": staged.sha256.hex(),
+                    **({"enrich": wanted.to_json()} if wanted.kinds else {}),
                 },
             )
             return version_out(version)
 
         async def duplicate(dup: DocumentVersion) -> tuple[VersionOut, bool]:
+            async with svc.db.transaction(tenant_id=tenant_id) as session:
+                await enrich.request_enrichment(session, dup.id, wanted)
             return version_out(dup), False
 
         return await _commit_blob(svc, staged, tenant_id, write, duplicate)

@@ -25,6 +25,7 @@ import magic
 from python_multipart import MultipartParser
 
 from appliance.errors import AppError
+from appliance.extract.base import FORMATS, normalize_content_type
 from appliance.keys.envelope import BlobContext, BlobWriter
 
 SNIFF_BYTES = 64 * 1024
@@ -66,14 +67,34 @@ class StagedBlob:
 
 
 def sniff_content_type(head: bytes, filename: str | None) -> str:
-    """The type from the bytes (libmagic). A filename only refines plain text (md, csv)."""
+    """The type from the bytes (libmagic). A filename only refines plain text (md, csv).
+
+    libmagic guesses from a few leading bytes, so ordinary prose can look like an obscure format
+    ("PAtients..." reads as HP-GL, "Article 5..." as a news spool). When its answer is a type we
+    cannot extract but the bytes are clean UTF-8 text, the upload is plain text.
+    """
     if not head:
         return "application/octet-stream"
     mime = magic.from_buffer(head, mime=True) or "application/octet-stream"
+    if normalize_content_type(mime) not in FORMATS and _looks_like_text(head):
+        mime = "text/plain"
     if mime == "text/plain" and filename:
         ext = os.path.splitext(filename)[1].lower()
         mime = TEXT_EXTENSIONS.get(ext, mime)
     return mime
+
+
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """UTF-8 (a sequence cut at the end of the sniffed head is fine) without control bytes."""
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3 or exc.reason != "unexpected end of data":
+            return False
+    return _CONTROL.search(head) is None
 
 
 def _safe_filename(name: str | None) -> str | None:

@@ -367,6 +367,14 @@ def finish(raw: RawResult, spec: FormatSpec, limits: Limits) -> Extraction:
 # ---------------------------------------- entry point
 
 
+def _plain_utf8(path: Path) -> str | None:
+    """The file as text when it is valid UTF-8 (a BOM is dropped), else None."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+
+
 def extract(
     path: Path,
     content_type: str,
@@ -395,6 +403,10 @@ def extract(
     if size > limits.max_bytes:
         raise ExtractionError("too_large", f"{size} bytes, limit {limits.max_bytes}")
 
+    if spec.mime == "text/plain" and (plain := _plain_utf8(path)) is not None:
+        # Decoding UTF-8 is not parsing: no parser, no sandbox process (≈0.2 s of CPU saved per file,
+        # most of the cost of a small text document). Other encodings still go to the parser.
+        return finish(RawResult([(None, plain)], {}, False, "plain"), spec, limits)
     if tika_endpoint:
         from appliance.extract import tika_backend  # the Tika client loads only where it is used
 

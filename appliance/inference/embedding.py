@@ -196,6 +196,7 @@ def get_embedder(settings: Settings, name: str | None = None) -> LlamaEmbedder:
     Keyed by process id too: a child forked after the parent loaded the model loads its own instead of
     sharing a llama.cpp context across processes.
     """
+    name = name or get_model(settings.models_dir, name=settings.embedding_model, purpose="embedding").name
     key = (os.getpid(), Path(settings.models_dir).resolve(), name)
     embedder = _cache.get(key)
     if embedder is not None:

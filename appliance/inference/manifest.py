@@ -264,9 +264,34 @@ def _read(path: Path) -> str:
         raise ManifestError(f"cannot read models manifest {path}: {exc}") from None
 
 
+_parsed: dict[str, tuple[tuple[object, ...], list[ModelSpec]]] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 def load_manifest(models_dir: Path) -> list[ModelSpec]:
     """The shipped `manifest.toml` followed by the host's `manifest.local.toml` (models an operator
-    added); `ManifestError` with a one-line reason when missing/invalid or when a name repeats."""
+    added); `ManifestError` with a one-line reason when missing/invalid or when a name repeats.
+
+    Parsed once per process while neither file changes (searches resolve the default model on every
+    request; `appliance models add` rewrites the local file, which changes its stamp)."""
+    path = manifest_path(models_dir)
+    stamp = (_stamp(path), _stamp(Path(models_dir) / LOCAL_MANIFEST_NAME))
+    hit = _parsed.get(str(path))
+    if hit is not None and stamp[0] is not None and hit[0] == stamp:
+        return list(hit[1])
+    specs = _load_manifest(models_dir)
+    _parsed[str(path)] = (stamp, specs)
+    return list(specs)
+
+
+def _load_manifest(models_dir: Path) -> list[ModelSpec]:
     path = manifest_path(models_dir)
     specs = parse_manifest(_read(path), origin=str(path))
     local = Path(models_dir) / LOCAL_MANIFEST_NAME

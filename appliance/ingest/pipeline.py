@@ -172,6 +172,23 @@ def _extract_file(original: BlobReader, content_type: str, fallback_dir: Path) -
         os.unlink(name)
 
 
+async def newer_ready_versions(session: AsyncSession, document_id: uuid.UUID, version: int) -> int:
+    """How many live versions of the document newer than `version` are indexed (their chunks won)."""
+    count: int = (
+        await session.execute(
+            select(func.count())
+            .select_from(DocumentVersion)
+            .where(
+                DocumentVersion.document_id == document_id,
+                DocumentVersion.version > version,
+                DocumentVersion.ingest_status == "ready",
+                DocumentVersion.deleted_at.is_(None),
+            )
+        )
+    ).scalar_one()
+    return count
+
+
 async def run_ingest(svc: WorkerServices, tenant_id: uuid.UUID, job_id: uuid.UUID) -> str:
     claimed = await _claim(svc, tenant_id, job_id)
     if claimed is None:
@@ -250,8 +267,11 @@ async def _chunk_embed_index(
 ) -> int:
     from appliance.inference.embedding import get_embedder
     from appliance.ingest.chunking import chunk_text
+    from appliance.ingest.reindex import ingest_model
 
-    embedder = await anyio.to_thread.run_sync(get_embedder, svc.settings)
+    async with svc.db.transaction() as session:
+        model = await ingest_model(session, svc.settings)  # the re-index target while one runs
+    embedder = await anyio.to_thread.run_sync(lambda: get_embedder(svc.settings, model))
     if embedder.dimensions != EMBEDDING_DIMENSIONS:
         raise PermanentError(
             "model_dimension_mismatch",
@@ -292,7 +312,30 @@ async def _chunk_embed_index(
     ]
     async with svc.db.transaction(tenant_id=version.tenant_id) as session:
         await _index(session, version, rows, job_id)
+    await _follow_reindex(svc, version, embedder.name)
     return len(rows)
+
+
+async def _follow_reindex(svc: WorkerServices, version: DocumentVersion, used: str) -> None:
+    """A re-index started while this version was embedding with the old model: queue its re-embedding
+    too, or the switch-over would wait for it forever."""
+    from appliance.ingest.reindex import ingest_model
+    from appliance.jobs import service as jobs
+
+    async with svc.db.transaction(tenant_id=version.tenant_id) as session:
+        if await ingest_model(session, svc.settings) == used:
+            return
+        existing = (
+            await session.execute(select(Job).where(Job.version_id == version.id, Job.kind == "reindex"))
+        ).scalar_one_or_none()
+        if existing is None:
+            await jobs.create_job(
+                session,
+                kind="reindex",
+                tenant_id=version.tenant_id,
+                document_id=version.document_id,
+                version_id=version.id,
+            )
 
 
 async def _index(
@@ -309,18 +352,7 @@ async def _index(
     # One document, one searchable version: the newest indexed one. Indexing this version removes the
     # chunks of older ones in the same transaction (search never sees a gap or a mix); an older version
     # finishing after a newer one was indexed is superseded and indexes nothing.
-    newer_ready = (
-        await session.execute(
-            select(func.count())
-            .select_from(DocumentVersion)
-            .where(
-                DocumentVersion.document_id == version.document_id,
-                DocumentVersion.version > current.version,
-                DocumentVersion.ingest_status == "ready",
-                DocumentVersion.deleted_at.is_(None),
-            )
-        )
-    ).scalar_one()
+    newer_ready = await newer_ready_versions(session, version.document_id, current.version)
     if newer_ready:
         rows = []
     older = select(DocumentVersion.id).where(
@@ -342,6 +374,12 @@ async def _index(
     doc = await session.get(Document, version.document_id)
     if doc is not None:
         doc.updated_at = now
+    if not newer_ready:
+        # The follow-up jobs its uploads asked for (summary, labels): created with the index, sent after
+        # the commit (the outbox); finished ones are redone, since the chunks were just replaced.
+        from appliance.enrich.service import schedule_requested
+
+        await schedule_requested(session, current)
     audit.record(
         session,
         "document.ingested",

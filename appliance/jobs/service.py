@@ -27,7 +27,12 @@ def enqueue(kind: str, tenant_id: uuid.UUID, job_id: uuid.UUID) -> None:
     try:
         from appliance import workers
 
-        actor = {"ingest": workers.ingest_version}[kind]
+        actor = {
+            "ingest": workers.ingest_version,
+            "reindex": workers.reindex_version,
+            "summarize": workers.summarize_version,
+            "classify": workers.classify_version,
+        }[kind]
         actor.send(str(tenant_id), str(job_id))
     except Exception as exc:  # the row is the source of truth
         log.warning("enqueue failed; the sweeper will retry", job_id=str(job_id), error=str(exc)[:200])
@@ -111,6 +116,16 @@ async def retry_job(session: AsyncSession, job_id: uuid.UUID) -> Job:
     tenant_id, kind = job.tenant_id, job.kind
     after_commit(session, lambda: enqueue(kind, tenant_id, job_id))
     return job
+
+
+async def requeue(session: AsyncSession, job: Job) -> None:
+    """Run a finished job again from the start (its subject changed, or it was asked for again), sent
+    after commit. The caller holds the job's row lock."""
+    job.status, job.stage, job.progress, job.attempts = "queued", "queued", 0, 0
+    job.error, job.error_code, job.finished_at, job.enqueued_at = None, None, None, datetime.now(UTC)
+    await session.flush()
+    tenant_id, kind, job_id = job.tenant_id, job.kind, job.id
+    after_commit(session, lambda: enqueue(kind, tenant_id, job_id))
 
 
 async def stale_jobs(

@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from appliance.audit import service as audit
-from appliance.db.engine import set_tenant
+from appliance.db.engine import current_tenant, set_tenant
 from appliance.keys.kek import generate_dek
 from appliance.keys.keyring import Keyring
 from appliance.keys.models import TenantKey
@@ -50,7 +50,8 @@ class TenantKeyDestroyed(Exception):
 
 async def tenant_dek(session: AsyncSession, keyring: Keyring, tenant_id: uuid.UUID, *, create: bool) -> bytes:
     """The tenant's DEK, creating (and wrapping) one on first use when `create`."""
-    await set_tenant(session, tenant_id)
+    if current_tenant(session) != tenant_id:
+        await set_tenant(session, tenant_id)
     row = (
         await session.execute(select(TenantKey).where(TenantKey.tenant_id == tenant_id))
     ).scalar_one_or_none()

@@ -85,22 +85,24 @@ class Ranked:
 # Query embedding ---------------------------------------------------------------------------------
 
 
-def _embedder(settings: Settings) -> Any:
+def _embedder(settings: Settings, name: str | None = None) -> Any:
     from appliance.inference.embedding import get_embedder
 
-    return get_embedder(settings, settings.embedding_model)
+    return get_embedder(settings, name)
 
 
-async def embed_query(svc: SearchServices, tenant_id: uuid.UUID, query: str) -> tuple[list[float], str]:
-    """The query's vector (from the per-tenant cache when seen before) and the model's name."""
-    embedder = await anyio.to_thread.run_sync(_embedder, svc.settings)
+async def embed_query(
+    svc: SearchServices, tenant_id: uuid.UUID, query: str, model: str | None = None
+) -> list[float]:
+    """The query's vector by `model` (default: the settings' one), from the per-tenant cache if seen."""
+    embedder = await anyio.to_thread.run_sync(_embedder, svc.settings, model)
     digest = hashlib.sha256(query.encode()).hexdigest()
     key = QEMB_KEY.format(tenant=tenant_id, model=embedder.name, digest=digest)
     if svc.redis is not None:
         cached = await _redis_get(svc, key)
         if cached is not None and len(cached) == 4 * embedder.dimensions:
             metrics.SEARCH_CACHE.labels("embedding", "hit").inc()
-            return array("f", cached).tolist(), embedder.name
+            return array("f", cached).tolist()
         metrics.SEARCH_CACHE.labels("embedding", "miss").inc()
     n = embedder.count_tokens(query)
     if n > embedder.max_tokens:
@@ -113,7 +115,45 @@ async def embed_query(svc: SearchServices, tenant_id: uuid.UUID, query: str) -> 
     vector: list[float] = (await anyio.to_thread.run_sync(embedder.embed, [query]))[0]
     if svc.redis is not None:
         await _redis_set(svc, key, array("f", vector).tobytes(), QEMB_TTL_S)
-    return vector, embedder.name
+    return vector
+
+
+async def vector_candidates(
+    svc: SearchServices,
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    query: str,
+    filters: SearchFilters | None,
+    limit: int,
+    *,
+    models: list[str] | None = None,
+) -> tuple[list[Ranked], float | None]:
+    """The vector list and the best cosine similarity in it.
+
+    Normally one model. While a re-index runs (appliance.ingest.reindex) chunks carry one of two
+    models: the query is embedded by each, each model's chunks are searched with their own vector, and
+    the two lists are fused by reciprocal rank (cosines of two models are not comparable)."""
+    from appliance.ingest.reindex import search_models
+
+    s = svc.settings
+    lists = []
+    best: float | None = None
+    for model in models or await search_models(session, s):
+        vector = await embed_query(svc, tenant_id, query, model)
+        ranked = await vector_ranked(
+            session, vector, model, filters, limit, ef_search=s.search_hnsw_ef_search
+        )
+        if ranked:
+            best = ranked[0].score if best is None else max(best, ranked[0].score)
+        lists.append(ranked)
+    if len(lists) == 1:
+        return lists[0], best
+    scores: dict[int, float] = {}
+    for ranked in lists:
+        for r in ranked:
+            scores[r.chunk_id] = scores.get(r.chunk_id, 0.0) + 1.0 / (s.search_rrf_k + (r.vector_rank or 0))
+    order = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+    return [Ranked(cid, score, vector_rank=i) for i, (cid, score) in enumerate(order, 1)], best
 
 
 async def _redis_get(svc: SearchServices, key: str) -> bytes | None:
@@ -176,6 +216,11 @@ def _filter_sql(filters: SearchFilters | None, params: dict[str, Any]) -> str:
     return " AND ".join(clauses)
 
 
+def search_server_settings(settings: Settings) -> dict[str, str]:
+    """Session defaults for a Database that searches (see `Database(server_settings=...)`)."""
+    return {"hnsw.ef_search": str(settings.search_hnsw_ef_search), "hnsw.iterative_scan": "relaxed_order"}
+
+
 def vector_literal(vector: Sequence[float]) -> str:
     return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
 
@@ -191,13 +236,17 @@ async def vector_ranked(
 ) -> list[Ranked]:
     params: dict[str, Any] = {"q": vector_literal(vector), "model": model, "n": limit}
     where = _filter_sql(filters, params)
-    await session.execute(
-        text(
-            "SELECT set_config('hnsw.ef_search', :ef, true),"
-            " set_config('hnsw.iterative_scan', 'relaxed_order', true)"
-        ),
-        {"ef": str(max(ef_search, limit))},
-    )
+    ef = str(max(ef_search, limit))
+    defaults = session.info.get("server_settings") or {}
+    if defaults.get("hnsw.ef_search") != ef or defaults.get("hnsw.iterative_scan") != "relaxed_order":
+        # Not the connection's defaults (another Database, or more candidates than ef_search).
+        await session.execute(
+            text(
+                "SELECT set_config('hnsw.ef_search', :ef, true),"
+                " set_config('hnsw.iterative_scan', 'relaxed_order', true)"
+            ),
+            {"ef": ef},
+        )
     rows = await session.execute(
         text(
             f"""
@@ -222,16 +271,25 @@ OR_QUERY = "to_tsquery('simple', replace(plainto_tsquery('english', :query)::tex
 async def fulltext_ranked(
     session: AsyncSession, query: str, filters: SearchFilters | None, limit: int
 ) -> list[Ranked]:
-    params: dict[str, Any] = {"query": query, "n": limit}
-    where = _filter_sql(filters, params)
+    """Through `app_fulltext_ranked` (migration 0006): under RLS a plain query cannot use the GIN index
+    (`@@` is not leakproof); the function can, and applies the tenant scope and the filters itself."""
+    f = filters or SearchFilters()
+    params: dict[str, Any] = {
+        "query": query,
+        "n": limit,
+        "doc_ids": list(f.document_ids) if f.document_ids is not None else None,
+        "tags": list(f.tags) if f.tags else None,
+        "meta": json.dumps(f.metadata) if f.metadata else None,
+        "cts": list(f.content_types) if f.content_types else None,
+        "after": f.created_after,
+        "before": f.created_before,
+    }
     rows = await session.execute(
         text(
             f"""
-            SELECT c.id, ts_rank(c.tsv, q, 1) AS rank
-            FROM chunks c JOIN documents d ON d.id = c.document_id, {OR_QUERY} AS q
-            WHERE c.tsv @@ q AND {where}
-            ORDER BY rank DESC, c.id
-            LIMIT :n
+            SELECT id, rank FROM app_fulltext_ranked(
+                {OR_QUERY}, :n, CAST(:doc_ids AS uuid[]), CAST(:tags AS text[]), CAST(:meta AS jsonb),
+                CAST(:cts AS text[]), CAST(:after AS timestamptz), CAST(:before AS timestamptz))
             """
         ),
         params,
@@ -311,9 +369,10 @@ async def rank(
         raise RerankUnavailable(
             "No reranker model is installed (none ships on PyPI for this appliance); search without rerank."
         )
-    from appliance.inference.manifest import get_model
+    from appliance.ingest.reindex import search_models
 
-    model = get_model(s.models_dir, name=s.embedding_model, purpose="embedding").name
+    models = await search_models(session, s)
+    model = "+".join(models)
     gen = await generation(svc, tenant_id)
     key = None
     if gen is not None:
@@ -327,9 +386,8 @@ async def rank(
     vec: list[Ranked] = []
     fts: list[Ranked] = []
     if req.mode in ("vector", "hybrid"):
-        vector, model = await embed_query(svc, tenant_id, req.query)
-        vec = await vector_ranked(
-            session, vector, model, req.filters, candidates, ef_search=s.search_hnsw_ef_search
+        vec, _best = await vector_candidates(
+            svc, session, tenant_id, req.query, req.filters, candidates, models=models
         )
     if req.mode in ("fulltext", "hybrid"):
         fts = await fulltext_ranked(session, req.query, req.filters, candidates)

@@ -114,10 +114,12 @@ async def mark_deleted(session: AsyncSession, tenant: Tenant) -> bool:
 
 
 async def purge_deleted(session: AsyncSession, store: ObjectStore, tenant_id: uuid.UUID) -> int:
-    """Remove a deleted tenant's blobs, then its document rows (idempotent). Audit rows stay."""
+    """Remove a deleted tenant's blobs, then its document rows (chunks and summaries cascade) and its
+    classification labels (idempotent). Audit rows stay."""
     from sqlalchemy import delete, select
 
     from appliance.documents.models import Document, DocumentVersion
+    from appliance.enrich.models import Label
 
     tenant = await get_tenant(session, tenant_id, include_deleted=True)
     if tenant.status != "deleted":
@@ -129,6 +131,7 @@ async def purge_deleted(session: AsyncSession, store: ObjectStore, tenant_id: uu
         await anyio.to_thread.run_sync(store.delete, key)
     await session.execute(delete(DocumentVersion))
     await session.execute(delete(Document))
+    await session.execute(delete(Label))
     audit.record(
         session, "tenant.purge", resource_type="tenant", resource_id=tenant_id, details={"blobs": len(keys)}
     )

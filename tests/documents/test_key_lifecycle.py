@@ -137,6 +137,12 @@ async def test_tenant_deletion_shreds_the_key_then_purges(
     key, _ = object_key(settings, doc["id"])
     svc: service.Services = app.state.documents
     assert svc.store.exists(key)
+    with psycopg.connect(owner_conninfo(settings)) as conn:
+        conn.execute(
+            "INSERT INTO labels (id, tenant_id, name, description, position) "
+            "VALUES (gen_random_uuid(), %s, 'claims', 'insurance claims', 0)",
+            (t.id,),
+        )
     out = run_cli(settings, "tenants", "delete", t.name, "--confirm", "wrong-name")
     assert out.returncode != 0 and "does not match" in out.stderr
     assert svc.store.exists(key)
@@ -150,6 +156,7 @@ async def test_tenant_deletion_shreds_the_key_then_purges(
             conn.execute("SELECT count(*) FROM tenant_keys WHERE tenant_id = %s", (t.id,)).fetchone()[0] == 0
         )
         assert conn.execute("SELECT count(*) FROM documents WHERE tenant_id = %s", (t.id,)).fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM labels WHERE tenant_id = %s", (t.id,)).fetchone()[0] == 0
         actions = [
             r[0]
             for r in conn.execute(

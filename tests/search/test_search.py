@@ -85,6 +85,29 @@ async def test_filters(client: httpx.AsyncClient, corpus: Corpus) -> None:
     assert r.json()["results"] == []
 
 
+async def test_filters_in_fulltext_mode(client: httpx.AsyncClient, corpus: Corpus) -> None:
+    """Full text runs through its own SQL function (GIN under RLS): the same filters must hold there."""
+    key, ids = corpus.tenant.key, corpus.ids
+    q = "six months records"  # every document has at least one of these words
+
+    async def got(**filters: object) -> list[str]:
+        r = await search(client, key, query=q, mode="fulltext", top_k=10, filters=filters)
+        assert r.status_code == 200, r.text
+        return sorted(doc_ids(r))
+
+    assert await got() == sorted(ids.values())
+    assert await got(tags=["ops"]) == [ids["boiler"]]
+    assert await got(tags=["policy"]) == sorted(ids[n] for n in ("travel", "vaccine", "privacy"))
+    assert await got(metadata={"dept": "travel"}) == [ids["travel"]]
+    assert await got(document_ids=[ids["vaccine"], ids["privacy"]]) == sorted(
+        [ids["vaccine"], ids["privacy"]]
+    )
+    assert await got(content_types=["application/pdf"]) == []
+    assert await got(content_types=["text/plain"]) == sorted(ids.values())
+    assert await got(created_after="2100-01-01T00:00:00Z") == []
+    assert await got(created_before="2100-01-01T00:00:00Z") == sorted(ids.values())
+
+
 async def test_tenant_b_never_sees_tenant_a(client: httpx.AsyncClient, corpus: Corpus) -> None:
     a_ids = set(corpus.ids.values())
     for mode in ("vector", "fulltext", "hybrid"):
@@ -168,3 +191,26 @@ async def test_bad_requests_are_problems(client: httpx.AsyncClient, corpus: Corp
         assert r.json()["code"] == code, r.json()
     r = await client.post("/api/v1/search", json={"query": "x"})
     assert r.status_code == 401
+
+
+async def test_fulltext_function_is_scoped_like_the_policy(corpus: Corpus, settings) -> None:  # type: ignore[no-untyped-def]
+    """`app_fulltext_ranked` runs as the owner: it must scope rows to the caller's tenant itself."""
+    import psycopg
+
+    from tests.db.test_rls import app_conninfo
+
+    call = (
+        "SELECT document_id::text FROM chunks WHERE id IN (SELECT id FROM app_fulltext_ranked("
+        "'boiler'::tsquery, 100, NULL, NULL, NULL, NULL, NULL, NULL))"
+    )
+    count = (
+        "SELECT count(*) FROM app_fulltext_ranked('boiler'::tsquery, 100, NULL, NULL, NULL, NULL, NULL, NULL)"
+    )
+    with psycopg.connect(app_conninfo(settings), autocommit=True) as conn:
+        assert conn.execute(count).fetchone()[0] == 0  # no tenant set: nothing
+        conn.execute("SELECT set_config('app.tenant_id', %s, false)", (str(corpus.other.id),))
+        assert {r[0] for r in conn.execute(call)} == {corpus.other_ids["boiler"]}
+        conn.execute("SELECT set_config('app.tenant_id', %s, false)", (str(corpus.tenant.id),))
+        assert {r[0] for r in conn.execute(call)} == {corpus.ids["boiler"]}
+        conn.execute("SELECT set_config('app.tenant_id', '', false)")
+        assert conn.execute(count).fetchone()[0] == 0

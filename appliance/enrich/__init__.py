@@ -1,0 +1,1 @@
+"""Enrichment of ingested versions: an LLM summary (`summarize` jobs) and per-tenant labels (`classify`)."""
