@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     answer_min_similarity: float = 0.25
 
     # Search.
+    # Full text (BM25): candidates are the chunks holding the query's rarest lexemes, taken until their
+    # document frequencies add up to this fraction of the tenant's chunks (within the minimum and
+    # maximum: a small tenant has every match scored, a huge one a bounded number).
+    search_fulltext_candidate_fraction: float = Field(default=0.02, gt=0, le=1)
+    search_fulltext_min_candidates: int = Field(default=500, ge=1)
+    search_fulltext_max_candidates: int = Field(default=20_000, ge=100)
     search_hnsw_ef_search: int = 100
     search_candidates: int = 100  # per mode, before fusion
     search_rrf_k: int = 60

@@ -71,7 +71,7 @@ async def retrieve(
     s = svc.settings
     candidates = max(top_k, s.search_candidates)
     vec, best = await search.vector_candidates(svc, session, tenant_id, question, filters, candidates)
-    fts = await search.fulltext_ranked(session, question, filters, candidates)
+    fts = await search.fulltext_ranked(session, question, filters, candidates, s)
     fused = search.fuse(
         vec, fts, k=s.search_rrf_k, w_vector=s.search_vector_weight, w_fulltext=s.search_fulltext_weight
     )

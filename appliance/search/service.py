@@ -10,7 +10,7 @@ visible; the SQL adds only "the document is active" and the caller's filters.
   until it has `candidates` rows that pass (up to `hnsw.max_scan_tuples`), instead of returning the few
   of the first `ef_search` that happen to pass. The CTE re-sorts the relaxed order exactly.
 - **fulltext**: the query's English lexemes OR-ed (a natural-language question rarely has every word in
-  one passage), ranked by `ts_rank` normalised by document length.
+  one passage), ranked by BM25 with the tenant's lexeme statistics (migration 0006).
 - **hybrid**: both lists fused by reciprocal rank (RRF, k = `search_rrf_k`), each weighted.
 
 Only the newest indexed version of a document has chunks (ingest replaces the older version's chunks in
@@ -269,14 +269,21 @@ OR_QUERY = "to_tsquery('simple', replace(plainto_tsquery('english', :query)::tex
 
 
 async def fulltext_ranked(
-    session: AsyncSession, query: str, filters: SearchFilters | None, limit: int
+    session: AsyncSession,
+    query: str,
+    filters: SearchFilters | None,
+    limit: int,
+    settings: Settings,
 ) -> list[Ranked]:
-    """Through `app_fulltext_ranked` (migration 0006): under RLS a plain query cannot use the GIN index
-    (`@@` is not leakproof); the function can, and applies the tenant scope and the filters itself."""
+    """BM25 through `app_fulltext_ranked` (migration 0006): under RLS a plain query cannot use the GIN
+    index (`@@` is not leakproof); the function can, and applies the tenant scope and the filters."""
     f = filters or SearchFilters()
     params: dict[str, Any] = {
         "query": query,
         "n": limit,
+        "fraction": settings.search_fulltext_candidate_fraction,
+        "min": settings.search_fulltext_min_candidates,
+        "max": settings.search_fulltext_max_candidates,
         "doc_ids": list(f.document_ids) if f.document_ids is not None else None,
         "tags": list(f.tags) if f.tags else None,
         "meta": json.dumps(f.metadata) if f.metadata else None,
@@ -286,10 +293,11 @@ async def fulltext_ranked(
     }
     rows = await session.execute(
         text(
-            f"""
+            """
             SELECT id, rank FROM app_fulltext_ranked(
-                {OR_QUERY}, :n, CAST(:doc_ids AS uuid[]), CAST(:tags AS text[]), CAST(:meta AS jsonb),
-                CAST(:cts AS text[]), CAST(:after AS timestamptz), CAST(:before AS timestamptz))
+                :query, :n, CAST(:fraction AS real), :min, :max, CAST(:doc_ids AS uuid[]),
+                CAST(:tags AS text[]), CAST(:meta AS jsonb), CAST(:cts AS text[]),
+                CAST(:after AS timestamptz), CAST(:before AS timestamptz))
             """
         ),
         params,
@@ -390,7 +398,7 @@ async def rank(
             svc, session, tenant_id, req.query, req.filters, candidates, models=models
         )
     if req.mode in ("fulltext", "hybrid"):
-        fts = await fulltext_ranked(session, req.query, req.filters, candidates)
+        fts = await fulltext_ranked(session, req.query, req.filters, candidates, s)
     if req.mode == "vector":
         ranked = vec
     elif req.mode == "fulltext":

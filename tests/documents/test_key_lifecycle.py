@@ -25,6 +25,7 @@ from tests.api.test_auth import owner_conninfo
 from tests.cli.test_cli import run_cli
 from tests.documents.test_documents import upload
 from tests.factories import bearer, make_tenant
+from tests.search.test_search import assert_fulltext_statistics_exact
 
 
 def object_key(settings: Settings, document_id: str) -> tuple[str, str]:
@@ -164,6 +165,7 @@ async def test_tenant_deletion_shreds_the_key_then_purges(
             )
         ]
     assert actions.index("key.dek_destroy") < actions.index("tenant.delete") < actions.index("tenant.purge")
+    assert_fulltext_statistics_exact(settings)  # the purge's cascaded chunk deletes kept BM25's counts
     # Re-running finishes (nothing left) and succeeds; the tenant takes no new keys.
     assert run_cli(settings, "tenants", "delete", t.name, "--confirm", t.name).returncode == 0
     out = run_cli(settings, "keys", "create", "--tenant", t.name, "--role", "admin")

@@ -156,7 +156,9 @@ async def test_cache_and_invalidation_and_deletion(
         assert doc in [x["document_id"] for x in after["results"]]
 
 
-async def test_a_new_version_replaces_the_old_one_in_results(client: httpx.AsyncClient, app, app_db) -> None:  # type: ignore[no-untyped-def]
+async def test_a_new_version_replaces_the_old_one_in_results(
+    client: httpx.AsyncClient, app, app_db, settings
+) -> None:  # type: ignore[no-untyped-def]
     from tests.factories import make_tenant
 
     t = await make_tenant(app_db, role="editor")
@@ -172,6 +174,39 @@ async def test_a_new_version_replaces_the_old_one_in_results(client: httpx.Async
     res = (await search(client, t.key, query="soup", mode="fulltext", top_k=10)).json()["results"]
     assert [(x["document_id"], x["version"]) for x in res] == [(doc, 2)]
     assert "tomato" in res[0]["text"]
+    assert_fulltext_statistics_exact(settings)
+
+
+def assert_fulltext_statistics_exact(settings) -> None:  # type: ignore[no-untyped-def]
+    """BM25's per-tenant statistics, kept by triggers, equal a recount from the chunks themselves."""
+    import psycopg
+
+    from tests.api.test_auth import owner_conninfo
+
+    with psycopg.connect(owner_conninfo(settings)) as conn:
+        lexemes = conn.execute(
+            """
+            (SELECT tenant_id, lexeme, df FROM fulltext_lexemes
+             EXCEPT ALL
+             SELECT c.tenant_id, u.lexeme, count(*)::int
+             FROM chunks c, unnest(tsvector_to_array(c.tsv)) u(lexeme) GROUP BY 1, 2)
+            UNION ALL
+            (SELECT c.tenant_id, u.lexeme, count(*)::int
+             FROM chunks c, unnest(tsvector_to_array(c.tsv)) u(lexeme) GROUP BY 1, 2
+             EXCEPT ALL
+             SELECT tenant_id, lexeme, df FROM fulltext_lexemes)
+            """
+        ).fetchall()
+        assert lexemes == []
+        stats = conn.execute(
+            """
+            SELECT s.tenant_id FROM fulltext_stats s
+            FULL JOIN (SELECT tenant_id, count(*) AS n, sum(length(tsv)) AS len FROM chunks GROUP BY 1) c
+              ON c.tenant_id = s.tenant_id
+            WHERE coalesce(s.n_chunks, 0) <> coalesce(c.n, 0) OR coalesce(s.sum_len, 0) <> coalesce(c.len, 0)
+            """
+        ).fetchall()
+        assert stats == []
 
 
 async def test_bad_requests_are_problems(client: httpx.AsyncClient, corpus: Corpus) -> None:
@@ -199,13 +234,9 @@ async def test_fulltext_function_is_scoped_like_the_policy(corpus: Corpus, setti
 
     from tests.db.test_rls import app_conninfo
 
-    call = (
-        "SELECT document_id::text FROM chunks WHERE id IN (SELECT id FROM app_fulltext_ranked("
-        "'boiler'::tsquery, 100, NULL, NULL, NULL, NULL, NULL, NULL))"
-    )
-    count = (
-        "SELECT count(*) FROM app_fulltext_ranked('boiler'::tsquery, 100, NULL, NULL, NULL, NULL, NULL, NULL)"
-    )
+    ranked = "app_fulltext_ranked('boiler', 100, 0.02, 500, 20000, NULL, NULL, NULL, NULL, NULL, NULL)"
+    call = f"SELECT document_id::text FROM chunks WHERE id IN (SELECT id FROM {ranked})"
+    count = f"SELECT count(*) FROM {ranked}"
     with psycopg.connect(app_conninfo(settings), autocommit=True) as conn:
         assert conn.execute(count).fetchone()[0] == 0  # no tenant set: nothing
         conn.execute("SELECT set_config('app.tenant_id', %s, false)", (str(corpus.other.id),))
