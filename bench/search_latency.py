@@ -119,9 +119,24 @@ for 1.75x the build time (389 s at 1M); m 24 gives 0.985 at ef 100 (100k) but 1.
 Worth it only if recall above ~0.98 matters more than re-index time.
 The issue's latency target (HTTP p95 within 5 ms of the direct query) is not met: the HTTP path
 adds 16-19 ms at p95 (concurrency 1) over the direct query, spread over many round trips (see the
-layered rows); full text and hybrid take 0.3 s at 100k and 2.5 s at 1M whatever the query matches:
-`@@` (ts_match_vq) is not leakproof, so under the app role's row-level security Postgres cannot use
-the GIN index and scans every chunk (EXPLAIN as the owner: a bitmap index scan, 150x faster).
+layered rows). Full text then took 0.3 s at 100k and 2.5 s at 1M whatever the query matched: `@@`
+(ts_match_vq) is not leakproof, so under the app role's row-level security Postgres could not use
+the GIN index and scanned every chunk.
+
+Again on 2026-11-26 (after migration 0006: BM25 through `app_fulltext_ranked`, which the GIN index
+serves; HNSW settings as connection defaults; fewer round trips), `--chunks 100000 --chunks 1000000
+--ef-search 100 --fulltext-queries 50 --real-queries 20`, p50 / p95:
+
+                                 100k chunks              1M chunks
+    pg direct, ef 100            5.0 / 6.9                6.0 / 13.1   (recall@10 0.972 / 0.967)
+    service in-process           11.2 / 13.3              12.5 / 19.6
+    route, no audit / audited    12.7 / 14.9, 17.0 / 20.1 14.8 / 22.4, 18.4 / 26.2
+    HTTP vector                  22.8 / 25.9              24.8 / 33.8
+    HTTP fulltext                99.7 / 176.6             883 / 1,666
+
+Full text ranks at most the chunks holding the query's rarest words (2% of the tenant's chunks,
+500..20,000, the rarest word always); these synthetic queries are its hard case, since every word is
+mid-frequency (the loader prints how many chunks an OR of them matches, not how many are ranked).
 """
 
 from __future__ import annotations
@@ -1155,8 +1170,8 @@ def run(app: Appliance, args: argparse.Namespace, sizes: list[int]) -> None:
             print(
                 f"  full text: a query matches {statistics.fmean(fts):,.0f} chunks on average "
                 f"({100 * statistics.fmean(fts) / total:.1f}% of them; median {statistics.median(fts):,.0f}, "
-                f"max {max(fts):,}), a real-text one {statistics.fmean(real):,.0f}; fulltext and hybrid "
-                "rank every match"
+                f"max {max(fts):,}) with the OR of its words, a real-text one {statistics.fmean(real):,.0f}; "
+                "BM25 ranks those holding its rarest words"
             )
 
             print(f"\n  recall and latency by ef_search (pg direct, concurrency 1, {len(exact)} queries)")
