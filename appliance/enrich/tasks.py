@@ -28,7 +28,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from appliance import metrics
 from appliance.audit import service as audit
-from appliance.context import Actor, actor_var
 from appliance.documents.models import Document, DocumentVersion
 from appliance.enrich import classify as cls
 from appliance.enrich import service
@@ -40,9 +39,9 @@ from appliance.ingest.models import Chunk
 from appliance.ingest.pipeline import (
     PermanentError,
     WorkerServices,
-    _claim,
     _update_job,
     newer_ready_versions,
+    run_claimed,
 )
 from appliance.jobs.models import Job
 from appliance.keys.envelope import BlobContext, open_bytes, seal_bytes
@@ -75,33 +74,19 @@ async def run_classify(svc: WorkerServices, tenant_id: uuid.UUID, job_id: uuid.U
 
 
 async def _run(svc: WorkerServices, tenant_id: uuid.UUID, job_id: uuid.UUID, kind: str, work: Work) -> str:
-    claimed = await _claim(svc, tenant_id, job_id)
-    if claimed is None:
-        return "skipped"
-    job, version = claimed
-    token = actor_var.set(Actor("system", "worker", "worker"))
-    started = time.perf_counter()
-    try:
+    async def run(job: Job, version: DocumentVersion) -> str:
+        started = time.perf_counter()
         async with _heartbeat(svc, tenant_id, job_id):
             await _update_job(svc, tenant_id, job_id, stage=STAGE[kind], progress=5)
             await work(svc, job, version)
         metrics.INGEST_STAGE_SECONDS.labels(kind).observe(time.perf_counter() - started)
         log.info(f"{kind} done", version_id=str(version.id), seconds=round(time.perf_counter() - started, 2))
         return "succeeded"
-    except PermanentError as exc:
-        metrics.INGEST_FAILURES.labels(exc.code).inc()
-        await _finish_failed(svc, job, version, exc.code, str(exc), dead=False)
-        return "failed"
-    except Exception as exc:
-        code = str(getattr(exc, "code", None) or type(exc).__name__)
-        metrics.INGEST_FAILURES.labels(code).inc()
-        if job.attempts >= job.max_attempts:
-            await _finish_failed(svc, job, version, code, str(exc)[:2000], dead=True)
-            return "dead"
-        await _update_job(svc, tenant_id, job_id, status="retrying", error_code=code, error=str(exc)[:2000])
-        raise
-    finally:
-        actor_var.reset(token)
+
+    async def on_failure(job: Job, version: DocumentVersion, code: str, message: str, dead: bool) -> None:
+        await _finish_failed(svc, job, version, code, message, dead=dead)
+
+    return await run_claimed(svc, tenant_id, job_id, run, on_failure)
 
 
 @contextlib.asynccontextmanager

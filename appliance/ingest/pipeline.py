@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -189,14 +190,44 @@ async def newer_ready_versions(session: AsyncSession, document_id: uuid.UUID, ve
     return count
 
 
-async def run_ingest(svc: WorkerServices, tenant_id: uuid.UUID, job_id: uuid.UUID) -> str:
+JobWork = Callable[[Job, DocumentVersion], Awaitable[str]]
+FailureHook = Callable[[Job, DocumentVersion, str, str, bool], Awaitable[None]]
+
+
+async def run_claimed(
+    svc: WorkerServices, tenant_id: uuid.UUID, job_id: uuid.UUID, work: JobWork, on_failure: FailureHook
+) -> str:
+    """The life every job shares (ingest, reindex, summarize, classify): claim it (a duplicate message,
+    or a job another live worker holds, is "skipped"), run `work` as the worker actor, and on error:
+    a `PermanentError` fails the job at once; anything else marks it `retrying` and re-raises, so
+    Dramatiq retries with backoff, until `max_attempts`, then it is dead-lettered. `on_failure(job,
+    version, code, message, dead)` records a failed or dead job in the job's own way."""
     claimed = await _claim(svc, tenant_id, job_id)
     if claimed is None:
         return "skipped"
     job, version = claimed
     token = actor_var.set(Actor("system", "worker", "worker"))
-    started = time.perf_counter()
     try:
+        return await work(job, version)
+    except PermanentError as exc:
+        metrics.INGEST_FAILURES.labels(exc.code).inc()
+        await on_failure(job, version, exc.code, str(exc), False)
+        return "failed"
+    except Exception as exc:
+        code = str(getattr(exc, "code", None) or type(exc).__name__)
+        metrics.INGEST_FAILURES.labels(code).inc()
+        if job.attempts >= job.max_attempts:
+            await on_failure(job, version, code, str(exc)[:2000], True)
+            return "dead"
+        await _update_job(svc, tenant_id, job_id, status="retrying", error_code=code, error=str(exc)[:2000])
+        raise
+    finally:
+        actor_var.reset(token)
+
+
+async def run_ingest(svc: WorkerServices, tenant_id: uuid.UUID, job_id: uuid.UUID) -> str:
+    async def work(job: Job, version: DocumentVersion) -> str:
+        started = time.perf_counter()
         async with svc.db.transaction(tenant_id=tenant_id) as session:
             dek = await tenant_dek(session, svc.keyring, tenant_id, create=False)
         await _set_stage(svc, tenant_id, job_id, version.id, "extracting", 5)
@@ -214,22 +245,11 @@ async def run_ingest(svc: WorkerServices, tenant_id: uuid.UUID, job_id: uuid.UUI
             seconds=round(time.perf_counter() - started, 2),
         )
         return "succeeded"
-    except PermanentError as exc:
-        metrics.INGEST_FAILURES.labels(exc.code).inc()
-        await _finish_failed(svc, tenant_id, job_id, version.id, exc.code, str(exc), dead=False)
-        return "failed"
-    except Exception as exc:
-        code = getattr(exc, "code", None) or type(exc).__name__
-        metrics.INGEST_FAILURES.labels(str(code)).inc()
-        if job.attempts >= job.max_attempts:
-            await _finish_failed(svc, tenant_id, job_id, version.id, str(code), str(exc)[:2000], dead=True)
-            return "dead"
-        await _update_job(
-            svc, tenant_id, job_id, status="retrying", error_code=str(code), error=str(exc)[:2000]
-        )
-        raise
-    finally:
-        actor_var.reset(token)
+
+    async def on_failure(job: Job, version: DocumentVersion, code: str, message: str, dead: bool) -> None:
+        await _finish_failed(svc, tenant_id, job_id, version.id, code, message, dead=dead)
+
+    return await run_claimed(svc, tenant_id, job_id, work, on_failure)
 
 
 async def _finish_failed(

@@ -33,7 +33,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from appliance import metrics
 from appliance.audit import service as audit
-from appliance.context import Actor, actor_var
 from appliance.documents.models import DocumentVersion
 from appliance.ingest.models import EMBEDDING_DIMENSIONS, Chunk
 from appliance.jobs.models import Job
@@ -199,15 +198,10 @@ async def progress(session: AsyncSession, settings: Settings) -> dict[str, Any]:
 async def run_reindex(svc: Any, tenant_id: uuid.UUID, job_id: uuid.UUID) -> str:
     """Re-embed one version's chunks with the target model (a worker's `reindex` job)."""
     from appliance.inference.embedding import get_embedder
-    from appliance.ingest.pipeline import _claim, _update_job
+    from appliance.ingest.pipeline import _update_job, run_claimed
 
-    claimed = await _claim(svc, tenant_id, job_id)
-    if claimed is None:
-        return "skipped"
-    job, version = claimed
-    token = actor_var.set(Actor("system", "worker", "worker"))
-    started = time.perf_counter()
-    try:
+    async def work(job: Job, version: DocumentVersion) -> str:
+        started = time.perf_counter()
         async with svc.db.transaction(tenant_id=tenant_id) as session:
             _active, target = await state(session, svc.settings)
             rows = (
@@ -254,24 +248,18 @@ async def run_reindex(svc: Any, tenant_id: uuid.UUID, job_id: uuid.UUID) -> str:
             await _finish(session, target)
         metrics.INGEST_STAGE_SECONDS.labels("reindex").observe(time.perf_counter() - started)
         return "succeeded"
-    except Exception as exc:
+
+    async def on_failure(job: Job, version: DocumentVersion, code: str, message: str, dead: bool) -> None:
         # The version stays searchable with its old vectors: only the job records the failure.
-        code = getattr(exc, "code", None) or type(exc).__name__
-        if job.attempts >= job.max_attempts:
-            await _update_job(
-                svc,
-                tenant_id,
-                job_id,
-                status="dead",
-                stage="done",
-                error_code=str(code),
-                error=str(exc)[:2000],
-                finished_at=datetime.now(UTC),
-            )
-            return "dead"
         await _update_job(
-            svc, tenant_id, job_id, status="retrying", error_code=str(code), error=str(exc)[:2000]
+            svc,
+            tenant_id,
+            job_id,
+            status="dead" if dead else "failed",
+            stage="done",
+            error_code=code,
+            error=message,
+            finished_at=datetime.now(UTC),
         )
-        raise
-    finally:
-        actor_var.reset(token)
+
+    return await run_claimed(svc, tenant_id, job_id, work, on_failure)
