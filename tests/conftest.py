@@ -23,7 +23,7 @@ from appliance.bootstrap import ensure_bootstrap
 from appliance.db.engine import Database
 from appliance.db.migrations import upgrade_head
 from appliance.runtime import start_datastores
-from appliance.settings import Settings, load_settings
+from appliance.settings import Settings, get_settings, load_settings
 
 
 def free_port() -> int:
@@ -51,6 +51,10 @@ def settings(test_home: Path) -> Iterator[Settings]:
     os.environ["APPLIANCE_LLM_PORT"] = str(free_port())
     os.environ["APPLIANCE_LOG_JSON"] = "false"
     os.environ["APPLIANCE_LOG_LEVEL"] = "WARNING"
+    # A test that ran before this fixture (the chunking tests need only the model) may have cached
+    # the process-wide settings with the default ports: code that reads them later (the Dramatiq
+    # broker, on the first enqueue) must see this session's.
+    get_settings.cache_clear()
     datastores = start_datastores(load_settings(home=test_home))
     try:
         settings = load_settings(home=test_home)  # now with the generated secrets
