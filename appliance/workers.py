@@ -110,9 +110,24 @@ def system_ping(token: str) -> None:
     log.info("ping", token=token)
 
 
-@dramatiq.actor(
-    queue_name="ingest", max_retries=50, min_backoff=2_000, max_backoff=300_000, time_limit=3_600_000
-)
+# A job's retries: exponential backoff with jitter (Dramatiq's), 2 s to 5 min; the job row's own
+# max_attempts ends them first (then the job is recorded dead-lettered).
+JOB_RETRIES: dict[str, Any] = {
+    "max_retries": 50,
+    "min_backoff": 2_000,
+    "max_backoff": 300_000,
+    "time_limit": 3_600_000,
+}
+
+
+def _run_job(
+    kind: str, run: Callable[[Any, uuid.UUID, uuid.UUID], Awaitable[str]], tenant_id: str, job_id: str
+) -> None:
+    outcome = run_async(lambda svc: run(svc, uuid.UUID(tenant_id), uuid.UUID(job_id)))
+    log.info(f"{kind} job", job_id=job_id, outcome=outcome)
+
+
+@dramatiq.actor(queue_name="ingest", **JOB_RETRIES)
 def ingest_version(tenant_id: str, job_id: str) -> None:
     """Extract, chunk, embed and index one document version (see appliance.ingest.pipeline).
 
@@ -120,19 +135,15 @@ def ingest_version(tenant_id: str, job_id: str) -> None:
     after which the job is recorded as dead-lettered with its error."""
     from appliance.ingest.pipeline import run_ingest
 
-    outcome = run_async(lambda svc: run_ingest(svc, uuid.UUID(tenant_id), uuid.UUID(job_id)))
-    log.info("ingest job", job_id=job_id, outcome=outcome)
+    _run_job("ingest", run_ingest, tenant_id, job_id)
 
 
-@dramatiq.actor(
-    queue_name="maintenance", max_retries=50, min_backoff=2_000, max_backoff=300_000, time_limit=3_600_000
-)
+@dramatiq.actor(queue_name="maintenance", **JOB_RETRIES)
 def reindex_version(tenant_id: str, job_id: str) -> None:
     """Re-embed one version's chunks with the target embedding model (appliance.ingest.reindex)."""
     from appliance.ingest.reindex import run_reindex
 
-    outcome = run_async(lambda svc: run_reindex(svc, uuid.UUID(tenant_id), uuid.UUID(job_id)))
-    log.info("reindex job", job_id=job_id, outcome=outcome)
+    _run_job("reindex", run_reindex, tenant_id, job_id)
 
 
 @dramatiq.actor(queue_name="maintenance", max_retries=10, min_backoff=2_000, max_backoff=300_000)
@@ -150,24 +161,18 @@ def purge_document(tenant_id: str, document_id: str) -> None:
 
 
 # Enrichment: LLM work can take minutes, so it has its own queue (ingest messages are not stuck behind
-# it in Redis); the retry policy is ingest's (backoff 2 s … 5 min, bounded by the job's max_attempts).
-@dramatiq.actor(
-    queue_name="enrich", max_retries=50, min_backoff=2_000, max_backoff=300_000, time_limit=3_600_000
-)
+# it in Redis); the retry policy is every job's (JOB_RETRIES).
+@dramatiq.actor(queue_name="enrich", **JOB_RETRIES)
 def summarize_version(tenant_id: str, job_id: str) -> None:
     """Summarise one indexed version with the chat model (appliance.enrich.tasks)."""
     from appliance.enrich.tasks import run_summarize
 
-    outcome = run_async(lambda svc: run_summarize(svc, uuid.UUID(tenant_id), uuid.UUID(job_id)))
-    log.info("summarize job", job_id=job_id, outcome=outcome)
+    _run_job("summarize", run_summarize, tenant_id, job_id)
 
 
-@dramatiq.actor(
-    queue_name="enrich", max_retries=50, min_backoff=2_000, max_backoff=300_000, time_limit=3_600_000
-)
+@dramatiq.actor(queue_name="enrich", **JOB_RETRIES)
 def classify_version(tenant_id: str, job_id: str) -> None:
     """Assign the tenant's labels to one indexed version (appliance.enrich.tasks)."""
     from appliance.enrich.tasks import run_classify
 
-    outcome = run_async(lambda svc: run_classify(svc, uuid.UUID(tenant_id), uuid.UUID(job_id)))
-    log.info("classify job", job_id=job_id, outcome=outcome)
+    _run_job("classify", run_classify, tenant_id, job_id)
