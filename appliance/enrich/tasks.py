@@ -40,6 +40,7 @@ from appliance.ingest.pipeline import (
     PermanentError,
     WorkerServices,
     _update_job,
+    mark_succeeded,
     newer_ready_versions,
     run_claimed,
 )
@@ -178,10 +179,7 @@ async def _store(
         )
     )
     now = datetime.now(UTC)
-    job = await session.get(Job, job_id)
-    if job is not None:
-        job.status, job.stage, job.progress, job.finished_at = "succeeded", "done", 100, now
-        job.error, job.error_code, job.heartbeat_at = None, None, now
+    await mark_succeeded(session, job_id, now)
     doc = await session.get(Document, version.document_id)
     if doc is not None:
         doc.updated_at = now

@@ -82,6 +82,14 @@ async def _set_stage(
             version.ingest_status = stage
 
 
+async def mark_succeeded(session: AsyncSession, job_id: uuid.UUID, now: datetime) -> None:
+    """Record the job's success in the transaction that writes its result."""
+    job = await session.get(Job, job_id)
+    if job is not None:
+        job.status, job.stage, job.progress, job.finished_at = "succeeded", "done", 100, now
+        job.error, job.error_code, job.heartbeat_at = None, None, now
+
+
 async def _claim(
     svc: WorkerServices, tenant_id: uuid.UUID, job_id: uuid.UUID
 ) -> tuple[Job, DocumentVersion] | None:
@@ -387,10 +395,7 @@ async def _index(
     invalidate_after_commit(session, version.tenant_id)
     now = datetime.now(UTC)
     current.ingest_status, current.ingest_error = "ready", None
-    job = await session.get(Job, job_id)
-    if job is not None:
-        job.status, job.stage, job.progress, job.finished_at = "succeeded", "done", 100, now
-        job.error, job.error_code, job.heartbeat_at = None, None, now
+    await mark_succeeded(session, job_id, now)
     doc = await session.get(Document, version.document_id)
     if doc is not None:
         doc.updated_at = now

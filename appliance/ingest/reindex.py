@@ -198,7 +198,7 @@ async def progress(session: AsyncSession, settings: Settings) -> dict[str, Any]:
 async def run_reindex(svc: Any, tenant_id: uuid.UUID, job_id: uuid.UUID) -> str:
     """Re-embed one version's chunks with the target model (a worker's `reindex` job)."""
     from appliance.inference.embedding import get_embedder
-    from appliance.ingest.pipeline import _update_job, run_claimed
+    from appliance.ingest.pipeline import _update_job, mark_succeeded, run_claimed
 
     async def work(job: Job, version: DocumentVersion) -> str:
         started = time.perf_counter()
@@ -229,11 +229,7 @@ async def run_reindex(svc: Any, tenant_id: uuid.UUID, job_id: uuid.UUID) -> str:
                     .where(Chunk.id == chunk_id, Chunk.embedding_model != target)
                     .values(embedding=vector, embedding_model=target)
                 )
-            row = await session.get(Job, job_id)
-            if row is not None:
-                now = datetime.now(UTC)
-                row.status, row.stage, row.progress, row.finished_at = "succeeded", "done", 100, now
-                row.error, row.error_code = None, None
+            await mark_succeeded(session, job_id, datetime.now(UTC))
             audit.record(
                 session,
                 "document.reindexed",
