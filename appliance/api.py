@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__, metrics
 from appliance.answers.routes import router as answers_router
+from appliance.audit.routes import router as audit_router
 from appliance.auth.routes import router as auth_router
 from appliance.auth.service import AuthFailure
 from appliance.context import actor_var, client_addr_var, request_id_var
@@ -273,6 +274,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(enrich_router, prefix=api_prefix)
     app.include_router(search_router, prefix=api_prefix)
     app.include_router(answers_router, prefix=api_prefix)
+    app.include_router(audit_router, prefix=api_prefix)
     app.include_router(openai_router, prefix="/v1")
     _openapi_problem_schema(app)
     app.add_middleware(RequestContextMiddleware)

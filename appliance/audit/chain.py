@@ -45,8 +45,13 @@ def _norm(value: Any) -> Any:
     return value
 
 
+def chained_values(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The chained fields as JSON values, exactly as they are hashed (what an export writes)."""
+    return {f: _norm(event.get(f)) for f in CHAINED_FIELDS}
+
+
 def canonical(event: Mapping[str, Any]) -> bytes:
-    body = {f: _norm(event.get(f)) for f in CHAINED_FIELDS}
+    body = chained_values(event)
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -64,15 +69,107 @@ class ChainBreak:
 
 
 @dataclass(frozen=True)
+class Anchor:
+    """A signed checkpoint as the walk sees it: the hash it vouches for at `seq`, or why its
+    signature was refused (`problem`). Signature checking lives in appliance.audit.signing."""
+
+    seq: int
+    hash: bytes
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
 class VerifyResult:
     checked: int
     last_seq: int
     last_hash: bytes
     first_break: ChainBreak | None
+    checkpoints: int = 0  # checkpoints whose signature and hash both verified
+    last_anchored_seq: int = 0  # the newest of them (0: none)
 
     @property
     def ok(self) -> bool:
         return self.first_break is None
+
+    @property
+    def unanchored(self) -> int:
+        """Events after the last verified checkpoint (all of them when there is none)."""
+        return self.last_seq - max(self.last_anchored_seq, self.last_seq - self.checked)
+
+
+class _Walk:
+    """Recompute the chain one row at a time; `anchors` (sorted by seq) are checked as the walk passes."""
+
+    def __init__(self, start_seq: int, start_hash: bytes, anchors: Iterable[Anchor]) -> None:
+        self.expected_seq = start_seq
+        self.prev_hash = start_hash
+        self.checked = 0
+        self.anchors = sorted(anchors, key=lambda a: a.seq)
+        self.next_anchor = 0
+        self.anchored = 0
+        self.last_anchored = 0
+
+    def result(self, brk: ChainBreak | None = None) -> VerifyResult:
+        return VerifyResult(
+            self.checked, self.expected_seq - 1, self.prev_hash, brk, self.anchored, self.last_anchored
+        )
+
+    def step(self, row: Mapping[str, Any]) -> ChainBreak | None:
+        seq = int(row["seq"])
+        if seq != self.expected_seq:
+            expected = self.expected_seq
+            if seq > expected:
+                return ChainBreak(expected, f"row(s) {expected}..{seq - 1} missing (deleted)")
+            return ChainBreak(expected, f"out of order: expected seq {expected}")
+        if bytes(row["prev_hash"]) != self.prev_hash:
+            return ChainBreak(
+                seq, "prev_hash does not match the hash of the row before it (rows replaced or reordered)"
+            )
+        recomputed = link_hash(self.prev_hash, row)
+        if recomputed != bytes(row["hash"]):
+            return ChainBreak(seq, "content does not match its hash (row edited)")
+        self.prev_hash = recomputed
+        self.expected_seq += 1
+        self.checked += 1
+        return self._check_anchors(seq, recomputed)
+
+    def _check_anchors(self, seq: int, hash_: bytes) -> ChainBreak | None:
+        while self.next_anchor < len(self.anchors) and self.anchors[self.next_anchor].seq <= seq:
+            anchor = self.anchors[self.next_anchor]
+            self.next_anchor += 1
+            if anchor.seq < seq:  # only before the first row: the walk visits every seq after it
+                return ChainBreak(anchor.seq, "checkpoint precedes the first event checked")
+            if anchor.problem:
+                return ChainBreak(seq, f"checkpoint refused: {anchor.problem}")
+            if anchor.hash != hash_:
+                since = self.last_anchored + 1 if self.last_anchored else seq - self.checked + 1
+                return ChainBreak(
+                    seq,
+                    f"checkpoint does not match the chain: rows {since}..{seq} were rewritten "
+                    "(hashes recomputed after an edit, deletion or reordering)",
+                )
+            self.anchored += 1
+            self.last_anchored = seq
+        return None
+
+    def finish(self, expected_head: tuple[int, bytes] | None) -> ChainBreak | None:
+        last_seq = self.expected_seq - 1
+        if expected_head is not None:
+            head_seq, head_hash = expected_head
+            if head_seq > last_seq:
+                return ChainBreak(
+                    last_seq + 1, f"rows {last_seq + 1}..{head_seq} missing at the end of the chain (deleted)"
+                )
+            if head_seq == last_seq and head_hash != self.prev_hash:
+                return ChainBreak(last_seq, "chain head does not match the last row")
+        if self.next_anchor < len(self.anchors):
+            seq = self.anchors[self.next_anchor].seq
+            if seq < self.expected_seq - self.checked:  # no rows at all, and the anchor is before the start
+                return ChainBreak(seq, "checkpoint precedes the first event checked")
+            return ChainBreak(
+                seq, f"checkpoint at seq {seq} is past the last event {last_seq} (rows deleted at the end)"
+            )
+        return None
 
 
 def verify_chain(
@@ -81,57 +178,19 @@ def verify_chain(
     start_seq: int = 1,
     start_hash: bytes = GENESIS,
     expected_head: tuple[int, bytes] | None = None,
+    anchors: Iterable[Anchor] = (),
 ) -> VerifyResult:
     """Walk rows ordered by seq and report the first broken link precisely.
 
     A gap in seq means a deleted row; a stored hash that does not recompute means an edited row;
     a prev_hash that does not match the previous row's hash means rows were reordered or replaced.
-    `expected_head`, when given, catches deletion of the newest rows.
+    `expected_head`, when given, catches deletion of the newest rows. Each anchor (a signed
+    checkpoint) must match the recomputed hash at its seq: that catches a rewrite that recomputed
+    every hash after the change, which the links alone cannot.
     """
-    prev_hash = start_hash
-    expected_seq = start_seq
-    checked = 0
+    walk = _Walk(start_seq, start_hash, anchors)
     for row in rows:
-        seq = int(row["seq"])
-        if seq != expected_seq:
-            problem = (
-                f"row(s) {expected_seq}..{seq - 1} missing (deleted)"
-                if seq > expected_seq
-                else f"out of order: expected seq {expected_seq}"
-            )
-            return VerifyResult(checked, expected_seq - 1, prev_hash, ChainBreak(expected_seq, problem))
-        stored_prev = bytes(row["prev_hash"])
-        if stored_prev != prev_hash:
-            return VerifyResult(
-                checked,
-                seq - 1,
-                prev_hash,
-                ChainBreak(
-                    seq, "prev_hash does not match the hash of the row before it (rows replaced or reordered)"
-                ),
-            )
-        recomputed = link_hash(prev_hash, row)
-        if recomputed != bytes(row["hash"]):
-            return VerifyResult(
-                checked, seq - 1, prev_hash, ChainBreak(seq, "content does not match its hash (row edited)")
-            )
-        prev_hash = recomputed
-        expected_seq += 1
-        checked += 1
-    last_seq = expected_seq - 1
-    if expected_head is not None:
-        head_seq, head_hash = expected_head
-        if head_seq > last_seq:
-            return VerifyResult(
-                checked,
-                last_seq,
-                prev_hash,
-                ChainBreak(
-                    last_seq + 1, f"rows {last_seq + 1}..{head_seq} missing at the end of the chain (deleted)"
-                ),
-            )
-        if head_seq == last_seq and head_hash != prev_hash:
-            return VerifyResult(
-                checked, last_seq, prev_hash, ChainBreak(last_seq, "chain head does not match the last row")
-            )
-    return VerifyResult(checked, last_seq, prev_hash, None)
+        brk = walk.step(row)
+        if brk is not None:
+            return walk.result(brk)
+    return walk.result(walk.finish(expected_head))

@@ -46,3 +46,17 @@ class AuditChainHead(Base):
     id: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
     hash: Mapped[bytes] = mapped_column(LargeBinary(32), nullable=False)
+
+
+class AuditCheckpoint(Base):
+    """A signed checkpoint: `signature` (Ed25519) over (seq, hash, signed_at), see appliance.audit.signing.
+
+    Global like the chain. The application role may INSERT and SELECT, nothing else."""
+
+    __tablename__ = "audit_checkpoints"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[bytes] = mapped_column(LargeBinary(32), nullable=False)
+    signed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    key_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    signature: Mapped[bytes] = mapped_column(LargeBinary(64), nullable=False)

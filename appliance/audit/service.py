@@ -8,19 +8,24 @@ length of a request. If the insert fails, the transaction fails: no change witho
 
 from __future__ import annotations
 
+import base64
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, text, update
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import Connection, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from appliance.audit import signing
 from appliance.audit.chain import CHAINED_FIELDS, VerifyResult, link_hash, verify_chain
-from appliance.audit.models import AuditChainHead, AuditEvent
+from appliance.audit.models import AuditChainHead, AuditCheckpoint, AuditEvent
 from appliance.context import Actor, actor_var, client_addr_var, request_id_var
-from appliance.db.engine import TENANT_GUC
+from appliance.db.engine import TENANT_GUC, Database
+from appliance.errors import AppError
+from appliance.settings import Settings
 
 
 @dataclass
@@ -131,19 +136,149 @@ async def _set_guc(session: AsyncSession, tenant_id: uuid.UUID | None) -> None:
     )
 
 
+# Reading the tenant's trail (the API) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EventFilters:
+    action: str | None = None
+    outcome: str | None = None
+    actor_id: str | None = None
+    resource_type: str | None = None
+    resource_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        kind, _, value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
+        if kind != "seq":
+            raise ValueError(kind)
+        return int(value)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AppError("The cursor is not valid.", code="invalid_cursor", status=422) from exc
+
+
+async def list_events(
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    filters: EventFilters,
+    *,
+    cursor: str | None = None,
+    limit: int = 100,
+) -> tuple[Sequence[AuditEvent], str | None]:
+    """The tenant's events, newest first, `limit` per page. RLS already limits the application role
+    to the transaction's tenant; the explicit filter keeps the query honest on its own."""
+    query = select(AuditEvent).where(AuditEvent.tenant_id == tenant_id)
+    for column, value in (
+        (AuditEvent.action, filters.action),
+        (AuditEvent.outcome, filters.outcome),
+        (AuditEvent.actor_id, filters.actor_id),
+        (AuditEvent.resource_type, filters.resource_type),
+        (AuditEvent.resource_id, filters.resource_id),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    if filters.since is not None:
+        query = query.where(AuditEvent.occurred_at >= filters.since)
+    if filters.until is not None:
+        query = query.where(AuditEvent.occurred_at <= filters.until)
+    if cursor:
+        query = query.where(AuditEvent.seq < _decode_cursor(cursor))
+    rows = (await session.execute(query.order_by(AuditEvent.seq.desc()).limit(limit + 1))).scalars().all()
+    next_cursor = _encode_cursor(rows[limit - 1].seq) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+# Signed checkpoints --------------------------------------------------------------------------
+
+
+async def create_checkpoint(
+    session: AsyncSession, private_key: Ed25519PrivateKey, *, now: datetime | None = None
+) -> signing.Checkpoint | None:
+    """Sign the chain head if it moved since the last checkpoint; None when there is nothing new.
+
+    The head's row lock (the one appends take) makes the (seq, hash) signed a committed row's and
+    serialises concurrent signers, so two sweepers never sign the same head twice.
+    """
+    head = (
+        await session.execute(
+            select(AuditChainHead.seq, AuditChainHead.hash).where(AuditChainHead.id == 1).with_for_update()
+        )
+    ).one()
+    seq = int(head.seq)
+    last = (await session.execute(select(func.max(AuditCheckpoint.seq)))).scalar_one_or_none()
+    if seq == 0 or (last is not None and last >= seq):
+        return None
+    cp = signing.sign(private_key, seq, bytes(head.hash), now or datetime.now(UTC))
+    session.add(
+        AuditCheckpoint(
+            seq=cp.seq, hash=cp.hash, signed_at=cp.signed_at, key_id=cp.key_id, signature=cp.signature
+        )
+    )
+    await session.flush()
+    return cp
+
+
+async def checkpoint_due(session: AsyncSession, interval_s: int, *, now: datetime | None = None) -> bool:
+    """True when the newest checkpoint is older than `interval_s` (or there is none)."""
+    last = (await session.execute(select(func.max(AuditCheckpoint.signed_at)))).scalar_one_or_none()
+    return last is None or ((now or datetime.now(UTC)) - last).total_seconds() >= interval_s
+
+
+async def checkpoint_if_due(db: Database, settings: Settings) -> signing.Checkpoint | None:
+    """What the workers' sweeper runs: a checkpoint when the last is older than the interval."""
+    async with db.transaction() as session:
+        if not await checkpoint_due(session, settings.audit_checkpoint_interval_s):
+            return None
+        return await create_checkpoint(session, signing.load_private_key(settings.audit_signing_key_path))
+
+
+def _checkpoint(row: Any) -> signing.Checkpoint:
+    return signing.Checkpoint(
+        int(row.seq), bytes(row.hash), row.signed_at, str(row.key_id), bytes(row.signature)
+    )
+
+
+def list_checkpoints(
+    conn: Connection, *, first: int | None = None, last: int | None = None
+) -> list[signing.Checkpoint]:
+    """Checkpoints in seq order, within [first, last] when given (one per interval: a few thousand a year)."""
+    rows = conn.execute(
+        text(
+            "SELECT seq, hash, signed_at, key_id, signature FROM audit_checkpoints "
+            "WHERE (CAST(:a AS bigint) IS NULL OR seq >= :a) AND (CAST(:b AS bigint) IS NULL OR seq <= :b) "
+            "ORDER BY seq"
+        ),
+        {"a": first, "b": last},
+    )
+    return [_checkpoint(r) for r in rows]
+
+
 # Verification (as the owner role, which sees every tenant's rows) -----------------------------
 
 _COLUMNS = ", ".join([*CHAINED_FIELDS, "prev_hash", "hash"])
 
 
-def iter_rows(conn: Connection, *, batch: int = 5000) -> Iterator[dict[str, Any]]:
-    """Stream the whole trail in seq order with keyset pagination (constant memory)."""
-    last = 0
+def iter_rows(
+    conn: Connection, *, first: int = 1, last_seq: int | None = None, batch: int = 5000
+) -> Iterator[dict[str, Any]]:
+    """Stream the trail (or seqs first..last_seq) in seq order with keyset pagination (constant memory)."""
+    last = first - 1
+    stop = last_seq if last_seq is not None else 2**63 - 1
     while True:
         rows = (
             conn.execute(
-                text(f"SELECT {_COLUMNS} FROM audit_events WHERE seq > :last ORDER BY seq LIMIT :n"),
-                {"last": last, "n": batch},
+                text(
+                    f"SELECT {_COLUMNS} FROM audit_events WHERE seq > :last AND seq <= :stop "
+                    "ORDER BY seq LIMIT :n"
+                ),
+                {"last": last, "stop": stop, "n": batch},
             )
             .mappings()
             .all()
@@ -155,6 +290,10 @@ def iter_rows(conn: Connection, *, batch: int = 5000) -> Iterator[dict[str, Any]
         last = int(rows[-1]["seq"])
 
 
-def verify_database(conn: Connection) -> VerifyResult:
+def verify_database(conn: Connection, public_keys: list[Ed25519PublicKey] | None = None) -> VerifyResult:
+    """Recompute the whole chain; with `public_keys`, check every checkpoint too: its signature, and
+    that the hash it signed is the chain's at its seq (the CLI always passes the appliance's key).
+    Without keys the checkpoints are not looked at."""
     head = conn.execute(text("SELECT seq, hash FROM audit_chain_head WHERE id = 1")).one()
-    return verify_chain(iter_rows(conn), expected_head=(int(head.seq), bytes(head.hash)))
+    anchors = signing.anchors(list_checkpoints(conn), public_keys) if public_keys is not None else []
+    return verify_chain(iter_rows(conn), expected_head=(int(head.seq), bytes(head.hash)), anchors=anchors)

@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from appliance.auth.principal import Principal
-from appliance.auth.service import AuthFailure, authenticate, record_auth_failure
+from appliance.auth.service import AuthFailure, authenticate, record_auth_failure, record_denial
 from appliance.context import Actor, actor_var
 from appliance.db.engine import Database
 from appliance.errors import Forbidden
@@ -55,21 +55,28 @@ def require(
     and system admins too when `allow_system_admin` (for routes that take an explicit tenant).
     """
 
-    async def dep(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+    def check(principal: Principal) -> Forbidden | None:
         if system_admin:
             if not principal.is_system_admin:
-                raise Forbidden("This operation needs a system-admin key.", code="system_admin_required")
-            return principal
+                return Forbidden("This operation needs a system-admin key.", code="system_admin_required")
+            return None
         if principal.is_system_admin:
             if allow_system_admin:
-                return principal
-            raise Forbidden(
+                return None
+            return Forbidden(
                 "System-admin keys hold no tenant role; use a tenant key.", code="tenant_key_required"
             )
         if minimum_role and not principal.has_role(minimum_role):
-            raise Forbidden(
+            return Forbidden(
                 f"This operation needs the {minimum_role!r} role or higher.", code="role_required"
             )
+        return None
+
+    async def dep(request: Request, principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+        denied = check(principal)
+        if denied is not None:
+            await record_denial(get_db(request), principal, denied.code, request.url.path)
+            raise denied
         return principal
 
     return dep

@@ -4,6 +4,7 @@ import uuid
 
 from fastapi import APIRouter, Query, status
 
+from appliance.audit import service as audit
 from appliance.auth import service
 from appliance.auth.deps import AnyPrincipal, SessionDep, TenantAdminOrSystem
 from appliance.auth.principal import Principal
@@ -64,6 +65,7 @@ async def list_keys(
     """List the tenant's API keys (never their secrets)."""
     target = await _target_tenant(session, principal, tenant_id)
     rows = await service.list_keys(session, tenant_id=target)
+    audit.record(session, "api_key.list", resource_type="api_key", details={"returned": len(rows)})
     return KeyList(items=[KeyOut.model_validate(r) for r in rows])
 
 
@@ -77,7 +79,9 @@ async def get_key(
     tenant_id: uuid.UUID | None = Query(default=None),
 ) -> KeyOut:
     target = await _target_tenant(session, principal, tenant_id)
-    return KeyOut.model_validate(await service.get_key(session, tenant_id=target, key_id=key_id))
+    row = await service.get_key(session, tenant_id=target, key_id=key_id)
+    audit.record(session, "api_key.read", resource_type="api_key", resource_id=row.id)
+    return KeyOut.model_validate(row)
 
 
 @router.post(

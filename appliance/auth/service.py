@@ -107,6 +107,19 @@ async def record_auth_failure(db: Database, failure: AuthFailure) -> None:
         )
 
 
+async def record_denial(db: Database, principal: Principal, code: str, path: str) -> None:
+    """A valid key asking for more than its role allows: recorded in its own transaction too."""
+    async with db.transaction(tenant_id=principal.tenant_id) as session:
+        audit.record(
+            session,
+            "auth.denied",
+            outcome="denied",
+            resource_type="api_key",
+            resource_id=principal.key_id,
+            details={"reason": code, "role": principal.role, "path": path},
+        )
+
+
 async def create_key(
     session: AsyncSession,
     *,

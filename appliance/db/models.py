@@ -1,6 +1,6 @@
 """Import every model so Base.metadata is complete (Alembic autogenerate, tests)."""
 
-from appliance.audit.models import AuditChainHead, AuditEvent
+from appliance.audit.models import AuditChainHead, AuditCheckpoint, AuditEvent
 from appliance.auth.models import ApiKey
 from appliance.documents.models import Document, DocumentVersion
 from appliance.enrich.models import DocumentEnrichment, Label
@@ -12,6 +12,7 @@ from appliance.tenants.models import Tenant
 __all__ = [
     "ApiKey",
     "AuditChainHead",
+    "AuditCheckpoint",
     "AuditEvent",
     "Chunk",
     "Document",

@@ -138,6 +138,12 @@ async def list_documents(
         cursor=cursor,
         limit=limit,
     )
+    audit.record(
+        session,
+        "document.list",
+        resource_type="document",
+        details={"returned": len(rows)},
+    )
     return DocumentList(
         items=await service.documents_out(session, svc.keyring, rows), next_cursor=next_cursor
     )
@@ -154,6 +160,13 @@ async def get_document(
     """The document, its current version, and that version's summary, labels and enrichment jobs."""
     doc = await service.get_document(session, document_id)
     current = await service.get_version(session, doc, None)
+    audit.record(
+        session,
+        "document.read",
+        resource_type="document",
+        resource_id=doc.id,
+        details={"version_id": str(current.id)},
+    )
     return (await service.documents_out(session, svc.keyring, [(doc, current)]))[0]
 
 
@@ -208,7 +221,15 @@ async def add_version(
 )
 async def list_versions(document_id: uuid.UUID, principal: Viewer, session: SessionDep) -> VersionList:
     doc = await service.get_document(session, document_id)
-    return VersionList(items=[service.version_out(v) for v in await service.list_versions(session, doc)])
+    versions = await service.list_versions(session, doc)
+    audit.record(
+        session,
+        "document.versions_read",
+        resource_type="document",
+        resource_id=doc.id,
+        details={"returned": len(versions)},
+    )
+    return VersionList(items=[service.version_out(v) for v in versions])
 
 
 @router.get(
@@ -220,7 +241,15 @@ async def get_version(
     document_id: uuid.UUID, version_id: uuid.UUID, principal: Viewer, session: SessionDep
 ) -> VersionOut:
     doc = await service.get_document(session, document_id)
-    return service.version_out(await service.get_version(session, doc, version_id))
+    version = await service.get_version(session, doc, version_id)
+    audit.record(
+        session,
+        "document.version_read",
+        resource_type="document",
+        resource_id=doc.id,
+        details={"version_id": str(version.id)},
+    )
+    return service.version_out(version)
 
 
 async def _content(

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from fastapi import APIRouter
 
+from appliance.audit import service as audit
 from appliance.auth.deps import SessionDep, TenantAdmin, Viewer
 from appliance.enrich import service
 from appliance.enrich.models import Label
@@ -22,7 +23,9 @@ def _out(labels: Sequence[Label]) -> LabelList:
 @router.get("/labels", response_model=LabelList, responses=problem_responses(Unauthorized, Forbidden))
 async def get_labels(principal: Viewer, session: SessionDep) -> LabelList:
     """The tenant's labels, in their order (empty until a tenant admin sets them)."""
-    return _out(await service.list_labels(session))
+    labels = await service.list_labels(session)
+    audit.record(session, "labels.read", resource_type="labels", details={"returned": len(labels)})
+    return _out(labels)
 
 
 @router.put(

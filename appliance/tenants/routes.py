@@ -4,6 +4,7 @@ import uuid
 
 from fastapi import APIRouter, Query, status
 
+from appliance.audit import service as audit
 from appliance.auth.deps import AnyPrincipal, SessionDep, SystemAdmin
 from appliance.errors import AppError, Conflict, Forbidden, NotFound, Unauthorized, problem_responses
 from appliance.tenants import service
@@ -33,6 +34,9 @@ async def list_tenants(
 ) -> TenantList:
     """List tenants by name (system admin)."""
     rows = await service.list_tenants(session, after=cursor, limit=limit)
+    audit.record(
+        session, "tenant.list", tenant_id=None, resource_type="tenant", details={"returned": len(rows)}
+    )
     items = [TenantOut.model_validate(t) for t in rows]
     return TenantList(items=items, next_cursor=items[-1].name if len(items) == limit else None)
 
@@ -42,4 +46,6 @@ async def get_tenant(tenant_id: uuid.UUID, principal: AnyPrincipal, session: Ses
     """A system admin reads any tenant; a tenant key reads only its own (others are 404)."""
     if not principal.is_system_admin and principal.tenant_id != tenant_id:
         raise NotFound(f"No tenant {tenant_id}.", code="tenant_not_found")
-    return TenantOut.model_validate(await service.get_tenant(session, tenant_id))
+    tenant = await service.get_tenant(session, tenant_id)
+    audit.record(session, "tenant.read", tenant_id=tenant.id, resource_type="tenant", resource_id=tenant.id)
+    return TenantOut.model_validate(tenant)

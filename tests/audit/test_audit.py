@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import psycopg
 import pytest
-from sqlalchemy import Connection, create_engine, text
+from sqlalchemy import Connection, text
 
 from appliance.audit.chain import GENESIS, canonical, link_hash, verify_chain
 from appliance.audit.service import verify_database
 from appliance.db.engine import Database
 from appliance.settings import Settings
 from tests.api.test_auth import owner_conninfo
+from tests.audit.conftest import last_seq
 from tests.db.test_rls import app_conninfo
 from tests.factories import bearer, make_tenant, unique_name
-
-
-@pytest.fixture
-def owner_conn(settings: Settings) -> Iterator[Connection]:
-    """An owner connection inside a transaction that is always rolled back: tampering never persists."""
-    engine = create_engine(settings.owner_database_url)
-    with engine.connect() as conn:
-        trans = conn.begin()
-        try:
-            yield conn
-        finally:
-            trans.rollback()
-    engine.dispose()
-
-
-def last_seq(conn: Connection) -> int:
-    return int(conn.execute(text("SELECT max(seq) FROM audit_events")).scalar_one())
 
 
 async def test_operations_are_recorded_with_actor_and_request(
