@@ -123,6 +123,12 @@ class Settings(BaseSettings):
     # start (environment or a secrets file), never in appliance.env.
     master_key_passphrase: SecretStr | None = None
 
+    # Backups (docs/backup.md): archives are encrypted to an age public key. The secret half
+    # (backup.key) is needed only to verify and restore: keep a copy offline; it may leave the host.
+    backup_dir: Path | None = None  # default $home/backups
+    backup_recipient_file: Path | None = None  # default $home/keys/backup.pub
+    backup_identity_file: Path | None = None  # default $home/keys/backup.key
+
     # Documents.
     max_upload_bytes: int = 2 * 1024**3
     blob_segment_bytes: int = 256 * 1024
@@ -133,6 +139,9 @@ class Settings(BaseSettings):
     job_heartbeat_stale_s: int = 120
     job_queued_stale_s: int = 600
     sweep_interval_s: int = 30
+    # Audit: the sweeper signs a checkpoint over the chain head when the last one is older than this
+    # (and the chain has grown since). docs/audit.md.
+    audit_checkpoint_interval_s: int = Field(default=300, ge=1)
 
     log_level: str = "INFO"
     log_json: bool = True
@@ -184,6 +193,28 @@ class Settings(BaseSettings):
     @property
     def url_signing_key_path(self) -> Path:
         return self.keys_dir / "url-signing.key"
+
+    @property
+    def audit_signing_key_path(self) -> Path:
+        """Ed25519 private key that signs audit checkpoints (raw 32 bytes or PEM, 0600)."""
+        return self.keys_dir / "audit-signing.key"
+
+    @property
+    def audit_signing_pubkey_path(self) -> Path:
+        """Its public key (PEM): what auditors verify exports with."""
+        return self.keys_dir / "audit-signing.pub"
+
+    @property
+    def backups_path(self) -> Path:
+        return self.backup_dir or self.home / "backups"
+
+    @property
+    def backup_recipient_path(self) -> Path:
+        return self.backup_recipient_file or self.keys_dir / "backup.pub"
+
+    @property
+    def backup_identity_path(self) -> Path:
+        return self.backup_identity_file or self.keys_dir / "backup.key"
 
     @property
     def tmp_dir(self) -> Path:

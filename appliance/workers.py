@@ -74,6 +74,9 @@ class Sweeper(Middleware):
                     redriven = run_async(sweep_once)
                     if redriven:
                         log.info("sweeper re-drove jobs", count=redriven)
+                    checkpoint = run_async(checkpoint_once)
+                    if checkpoint is not None:
+                        log.info("audit checkpoint signed", seq=checkpoint.seq, key_id=checkpoint.key_id)
             except Exception as exc:  # never let the sweeper die
                 log.warning("sweep failed", error=str(exc)[:300])
             time.sleep(settings.sweep_interval_s)
@@ -91,7 +94,21 @@ async def sweep_once(svc: Any) -> int:
     for job_id, tenant_id, kind in stale:
         async with svc.db.transaction(tenant_id=tenant_id) as session:
             await jobs.redrive(session, job_id, tenant_id, kind)
-    return len(stale)
+    # Deleted documents whose purge never ran (enqueue failed, retries ran out during a long backup,
+    # or a restore brought them back): send the purge again (it is idempotent).
+    from appliance.documents.service import pending_purges
+
+    purges = await pending_purges(svc.db, older_than_s=settings.job_queued_stale_s)
+    for tenant_id, document_id in purges:
+        purge_document.send(str(tenant_id), str(document_id))
+    return len(stale) + len(purges)
+
+
+async def checkpoint_once(svc: Any) -> Any:
+    """Sign the audit chain head when the last checkpoint is older than audit_checkpoint_interval_s."""
+    from appliance.audit.service import checkpoint_if_due
+
+    return await checkpoint_if_due(svc.db, svc.settings)
 
 
 broker = RedisBroker(url=settings.redis_url, namespace="appliance")
@@ -146,7 +163,8 @@ def reindex_version(tenant_id: str, job_id: str) -> None:
     _run_job("reindex", run_reindex, tenant_id, job_id)
 
 
-@dramatiq.actor(queue_name="maintenance", max_retries=10, min_backoff=2_000, max_backoff=300_000)
+# Up to ~4 h of retries: a purge waits (BackupInProgress) while a backup copies blobs.
+@dramatiq.actor(queue_name="maintenance", max_retries=50, min_backoff=2_000, max_backoff=300_000)
 def purge_document(tenant_id: str, document_id: str) -> None:
     """Remove a deleted document's blobs and rows (idempotent: a retry finds nothing left to do)."""
     from appliance.documents.service import Services

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from appliance.cli import audit as audit_cli
+from appliance.cli import backup as backup_cli
 from appliance.cli import db as db_cli
 from appliance.cli import ingest as ingest_cli
 from appliance.cli import jobs as jobs_cli
@@ -23,15 +24,17 @@ app = typer.Typer(
 app.add_typer(models_cli.app, name="models", help="List, verify and build the GGUF models in models/.")
 app.add_typer(tenants_cli.app, name="tenants", help="Create and list tenants.")
 app.add_typer(keys_cli.app, name="keys", help="Create, list and revoke API keys.")
-app.add_typer(audit_cli.app, name="audit", help="Verify the tamper-evident audit trail.")
+app.add_typer(audit_cli.app, name="audit", help="Verify, checkpoint and export the audit trail.")
 app.add_typer(db_cli.app, name="db", help="Database schema migrations.")
 app.add_typer(jobs_cli.app, name="jobs", help="List, show and retry background jobs.")
+app.add_typer(backup_cli.app, name="backup", help="Create, verify, list and prune encrypted backups.")
 
 app.command("up")(server_cli.up)
 app.command("down")(server_cli.down)
 app.command("status")(server_cli.status)
 app.command("ingest")(ingest_cli.ingest)
 app.command("reindex")(reindex_cli.reindex)
+app.command("restore")(backup_cli.restore)
 
 
 def main() -> None:

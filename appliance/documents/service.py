@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from appliance.audit import service as audit
+from appliance.backup.guard import allow_blob_deletion
 from appliance.db.engine import Database, after_commit, set_tenant
 from appliance.documents.models import Document, DocumentVersion
 from appliance.documents.schemas import DocumentMetadata, DocumentOut, VersionOut
@@ -33,6 +34,7 @@ from appliance.jobs.service import create_job
 from appliance.keys.envelope import BlobContext, BlobReader
 from appliance.keys.keyring import Keyring
 from appliance.keys.service import tenant_dek
+from appliance.logs import get_logger
 from appliance.search.service import invalidate_after_commit
 from appliance.settings import Settings
 from appliance.storage.base import ObjectStore
@@ -263,6 +265,7 @@ async def _existing(
 
 
 T = TypeVar("T")
+log = get_logger("appliance.documents")
 
 
 async def _add_version_row(
@@ -492,9 +495,51 @@ async def delete_document(session: AsyncSession, document_id: uuid.UUID) -> None
     def enqueue() -> None:
         from appliance.workers import purge_document
 
-        purge_document.send(str(tenant_id), str(document_id))
+        # The deletion has committed: a broker outage must not turn it into a 500. The document is
+        # already unreadable; the workers' sweeper re-sends purges left pending (pending_purges).
+        try:
+            purge_document.send(str(tenant_id), str(document_id))
+        except Exception as exc:  # noqa: BLE001 - redis errors of any kind
+            log.warning("purge enqueue failed", document_id=str(document_id), error=str(exc)[:200])
 
     after_commit(session, enqueue)
+
+
+async def pending_purges(
+    db: Database, *, older_than_s: int, limit: int = 100
+) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """(tenant, document) of deleted documents still unpurged `older_than_s` after their deletion: the
+    enqueue failed, the purge job ran out of retries (a long backup), or a restore brought them back.
+    Deleted tenants are left to their own purge (`appliance tenants delete`)."""
+    from appliance.tenants.models import Tenant
+
+    async with db.transaction() as session:
+        tenant_ids = (
+            (await session.execute(select(Tenant.id).where(Tenant.status != "deleted"))).scalars().all()
+        )
+    cutoff = datetime.now(UTC).timestamp() - older_than_s
+    found: list[tuple[uuid.UUID, uuid.UUID]] = []
+    for tenant_id in tenant_ids:
+        async with db.transaction(tenant_id=tenant_id) as session:
+            rows = (
+                (
+                    await session.execute(
+                        select(Document.id)
+                        .where(
+                            Document.status == "deleted",
+                            Document.purged_at.is_(None),
+                            Document.deleted_at < datetime.fromtimestamp(cutoff, UTC),
+                        )
+                        .limit(limit - len(found))
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        found.extend((tenant_id, doc_id) for doc_id in rows)
+        if len(found) >= limit:
+            break
+    return found
 
 
 async def purge_document(svc: Services, tenant_id: uuid.UUID, document_id: uuid.UUID) -> int:
@@ -508,6 +553,8 @@ async def purge_document(svc: Services, tenant_id: uuid.UUID, document_id: uuid.
             .scalars()
             .all()
         )
+        if versions:
+            await allow_blob_deletion(session)  # not while a backup still copies blobs
         for v in versions:
             await anyio.to_thread.run_sync(svc.store.delete, v.object_key)
             if v.text_object_key:

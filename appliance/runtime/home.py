@@ -167,6 +167,27 @@ def ensure_signing_key(settings: Settings, ident: ServiceIdentity) -> Path:
     return _ensure_key_file(settings.url_signing_key_path, ident, "the URL-signing key")
 
 
+def ensure_audit_signing_key(settings: Settings, ident: ServiceIdentity) -> Path:
+    """Create the Ed25519 key that signs audit checkpoints (raw 32-byte seed, 0600) when missing,
+    and its public key (PEM) beside it; an existing pair is checked, never replaced."""
+    from appliance.audit.signing import SigningKeyError, load_private_key, load_public_key, public_pem
+
+    path = settings.audit_signing_key_path
+    if not path.exists():  # an existing one may be raw or PEM: loading it below checks it
+        _ensure_key_file(path, ident, "the audit signing key")
+    pub_path = settings.audit_signing_pubkey_path
+    try:
+        public = public_pem(load_private_key(path).public_key())
+        if not pub_path.exists():
+            write_private(pub_path, public, ident, mode=0o644)
+            log.info("created the audit public key %s", pub_path)
+        elif public_pem(load_public_key(pub_path)) != public:
+            raise RuntimeFailure(f"{pub_path} does not match the audit signing key {path}")
+    except SigningKeyError as exc:
+        raise RuntimeFailure(str(exc)) from None
+    return path
+
+
 def _ensure_key_file(path: Path, ident: ServiceIdentity, what: str) -> Path:
     if path.exists():
         size = path.stat().st_size
@@ -186,6 +207,28 @@ def _ensure_key_file(path: Path, ident: ServiceIdentity, what: str) -> Path:
     return path
 
 
+def ensure_backup_keys(settings: Settings, ident: ServiceIdentity) -> Path:
+    """Create the age key pair backups are encrypted to, when there is no public key yet.
+
+    Only the public half (`backup.pub`) is needed to write backups; the secret half (`backup.key`,
+    0600) only to verify and restore. An administrator may move it off the host (docs/backup.md)."""
+    from appliance.backup.archive import generate_identity
+
+    pub = settings.backup_recipient_path
+    if pub.exists():
+        return pub
+    secret, public = generate_identity()
+    key = settings.backup_identity_path
+    if not key.parent.exists():
+        make_private_dir(key.parent, ident)
+    if key.exists():
+        raise RuntimeFailure(f"{key} exists but its public key {pub} is missing; restore it or move both")
+    write_private(key, f"# appliance backup key (age); public key: {public}\n{secret}\n", ident)
+    write_private(pub, public + "\n", ident, mode=0o644)
+    log.info("created the backup key pair %s and %s", key, pub)
+    return pub
+
+
 def prepare(settings: Settings) -> tuple[Settings, ServiceIdentity]:
     """Identity, data directory, secrets and master key: everything before any server starts."""
     ident = identity_for(settings)
@@ -195,4 +238,6 @@ def prepare(settings: Settings) -> tuple[Settings, ServiceIdentity]:
     if settings.master_key_passphrase is None:  # otherwise the master key is derived, never stored
         ensure_master_key(settings, ident)
     ensure_signing_key(settings, ident)
+    ensure_audit_signing_key(settings, ident)
+    ensure_backup_keys(settings, ident)
     return settings, ident

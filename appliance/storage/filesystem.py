@@ -152,6 +152,31 @@ class FilesystemStore:
 
             return self._write_atomic(key, copy)
 
+    def adopt_file(self, key: str, path: Path) -> ObjectInfo:
+        """Move a file (on the same filesystem) into the store under `key`: fsync, rename, fsync dir.
+
+        Restores use it to place staged blobs without copying them a second time; a file on another
+        filesystem is copied (put_file) instead."""
+        final = self._path(key)
+        try:
+            self._ensure_dir(final.parent)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            os.chmod(path, 0o600)
+            os.replace(path, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                info = self.put_file(key, path)
+                os.unlink(path)
+                return info
+            raise _os_error("adopting an object", exc) from exc
+        return ObjectInfo(key=key, size=size)
+
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
         check_key(key)
         return self._write_atomic(key, lambda out: out.write(data))

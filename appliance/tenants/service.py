@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from appliance.audit import service as audit
+from appliance.backup.guard import allow_blob_deletion
 from appliance.db.engine import set_tenant
 from appliance.errors import AppError, Conflict, NotFound
 from appliance.storage.base import ObjectStore
@@ -127,6 +128,8 @@ async def purge_deleted(session: AsyncSession, store: ObjectStore, tenant_id: uu
     await set_tenant(session, tenant_id)
     rows = (await session.execute(select(DocumentVersion.object_key, DocumentVersion.text_object_key))).all()
     keys = [k for row in rows for k in row if k]
+    if keys:
+        await allow_blob_deletion(session)  # not while a backup still copies blobs
     for key in keys:
         await anyio.to_thread.run_sync(store.delete, key)
     await session.execute(delete(DocumentVersion))
