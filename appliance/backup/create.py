@@ -47,6 +47,7 @@ from appliance.runtime.postgres import find_pg_install
 from appliance.settings import Settings
 from appliance.storage.base import ObjectNotFound, ObjectStore
 from appliance.storage.factory import build_store
+from appliance.storage.filesystem import fsync_dir
 
 ARCHIVE_SUFFIX = ".tar.age"
 SIDECAR_SUFFIX = ".json"
@@ -268,7 +269,7 @@ def create_backup(
 
         archive_size = write_archive(partial, recipient, TarWriter(members(), on_bytes=on_bytes))
         os.replace(partial, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         dump_bytes = dump_path.stat().st_size
         result = BackupResult(
             path=dest,
@@ -301,21 +302,14 @@ def create_backup(
             dump_dir.rmdir()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def sidecar_path(archive: Path) -> Path:
     name = archive.name.removesuffix(ARCHIVE_SUFFIX)
     return archive.with_name(name + SIDECAR_SUFFIX)
 
 
-def write_sidecar(result: BackupResult) -> None:
-    body = {
+def summary(result: BackupResult) -> dict[str, Any]:
+    """What the sidecar holds and `backup create --json` prints (nothing secret)."""
+    return {
         "archive": result.path.name,
         "created_at": result.metadata["created_at"],
         "size": result.size,
@@ -327,6 +321,10 @@ def write_sidecar(result: BackupResult) -> None:
         "schema_revision": result.metadata["schema_revision"],
         "kek_ids": result.metadata["kek_ids"],
     }
+
+
+def write_sidecar(result: BackupResult) -> None:
+    body = summary(result)
     path = sidecar_path(result.path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:

@@ -20,7 +20,7 @@ from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from appliance.backup.archive import ArchiveError, generate_identity, read_archive
-from appliance.backup.create import BackupError, create_backup, resolve_destination
+from appliance.backup.create import BackupError, create_backup, resolve_destination, summary
 from appliance.backup.restore import RestoreError, restore_backup, target_contents
 from appliance.backup.retention import list_backups, prune
 from appliance.cli._common import console, err_console, fail, print_json
@@ -82,17 +82,7 @@ def create(
     )
     mb = result.size / 1e6
     if as_json:
-        print_json(
-            {
-                "path": str(result.path),
-                "size": result.size,
-                "objects": result.objects,
-                "object_bytes": result.object_bytes,
-                "dump_bytes": result.dump_bytes,
-                "seconds": round(result.seconds, 3),
-                "counts": result.metadata["counts"],
-            }
-        )
+        print_json({"path": str(result.path), **summary(result)})
         return
     console.print(
         f"backup written: {result.path} ({mb:.1f} MB, {result.objects} objects, "

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, text
 from appliance.keys.kek import FileKeyProvider
 from appliance.keys.keyring import NEXT, RETIRED_PREFIX, Keyring
 from appliance.keys.service import dek_aad
+from appliance.storage.filesystem import fsync_dir
 
 
 @dataclass
@@ -29,14 +30,6 @@ class RotationResult:
     new_kek_id: str
     rewrapped: int
     already_done: int
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rotate_master_key(
@@ -52,7 +45,7 @@ def rotate_master_key(
     if not next_path.exists():
         FileKeyProvider.create_key_file(next_path)
         chown(next_path)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     keyring.reload()
     new = FileKeyProvider.load(next_path)
     old = FileKeyProvider.load(keyring.current_path)
@@ -100,6 +93,6 @@ def rotate_master_key(
     current = keyring.current_path
     os.replace(current, directory / f"{RETIRED_PREFIX}{old.key_id}")
     os.replace(next_path, current)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     keyring.reload()
     return RotationResult(old.key_id, new.key_id, rewrapped, already)

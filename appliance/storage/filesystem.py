@@ -38,7 +38,7 @@ COPY_BUFFER = 1 << 20
 _HEX2 = frozenset(f"{i:02x}" for i in range(256))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -113,7 +113,7 @@ class FilesystemStore:
                 continue
             with contextlib.suppress(FileExistsError):
                 level.mkdir(mode=0o700)
-                _fsync_dir(level.parent)
+                fsync_dir(level.parent)
 
     # Writes ---------------------------------------------------------------------------------------
     def new_key(self) -> str:
@@ -133,7 +133,7 @@ class FilesystemStore:
                 size = os.fstat(out.fileno()).st_size
             os.replace(tmp, final)
             tmp = None
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except OSError as exc:
             raise _os_error("writing an object", exc) from exc
         finally:
@@ -168,7 +168,7 @@ class FilesystemStore:
                 os.close(fd)
             os.chmod(path, 0o600)
             os.replace(path, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except OSError as exc:
             if exc.errno == errno.EXDEV:
                 info = self.put_file(key, path)
@@ -247,7 +247,7 @@ class FilesystemStore:
             raise _os_error("deleting an object", exc) from exc
         # Fan-out directories stay: removing them would race with a concurrent put into them.
         with contextlib.suppress(OSError):
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def _leaf_dirs(self) -> Iterator[tuple[str, Path]]:
         try:
