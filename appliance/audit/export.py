@@ -72,8 +72,10 @@ def write_export(
     since: datetime | None = None,
     until: datetime | None = None,
     public_key: Ed25519PublicKey | None = None,
+    seqs: tuple[int, int] | None = None,
 ) -> ExportSummary:
-    bounds = seq_range(conn, since, until)
+    """Write the events of [since, until], or of the seq range `seqs` when given (archived segments)."""
+    bounds = seqs or seq_range(conn, since, until)
     header: dict[str, Any] = {
         "type": "header",
         "format": FORMAT,

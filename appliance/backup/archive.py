@@ -4,11 +4,13 @@
                                                     postgres.dump, MANIFEST.json ) )
 
 Why these choices:
-- age (through `pyrage`, the Rust implementation's binding) is a small, audited, standard format
-  with public-key recipients: the appliance needs only the backup *public* key to write backups,
-  and an administrator can open one with the stock `age` tool (`age -d -i backup.key | tar t`). Its
-  STREAM construction authenticates every 64 KiB chunk and the end of the stream, so an edited or
-  truncated archive fails to decrypt.
+- age (https://age-encryption.org/v1, X25519) is a small, audited, standard format with public-key
+  recipients: the appliance needs only the backup *public* key to write backups, and an
+  administrator can open one with the stock `age` or `rage` tool (`age -d -i backup.key | tar t`).
+  Its STREAM construction authenticates every 64 KiB chunk and the end of the stream, so an edited
+  or truncated archive fails to decrypt. `appliance.backup.age` writes and reads it with the
+  `cryptography` primitives (pyrage, the Rust binding, was 5x slower here and holds the GIL); pyrage
+  generates the keys and is the reference the tests check interoperability against.
 - tar (GNU format: base-256 sizes, so a member may exceed 8 GiB) is what every operator can read.
   The tar is produced and parsed here as a stream, never staged whole on disk: `TarWriter` yields
   the bytes as age consumes them, `TarReader` is fed the bytes as age produces them.
@@ -24,9 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
+import os
+import queue
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +37,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pyrage import x25519
+
+from appliance.backup.age import AgeError, AgeWriter, decrypt_stream, identity_key, recipient_bytes
 
 FORMAT = "appliance-backup/1"
 METADATA = "backup.json"
@@ -58,7 +63,7 @@ def generate_identity() -> tuple[str, str]:
     return str(ident), str(ident.to_public())
 
 
-def load_recipient(path: Path) -> x25519.Recipient:
+def load_recipient(path: Path) -> str:
     try:
         lines = [ln.strip() for ln in path.read_text().splitlines()]
     except FileNotFoundError:
@@ -69,12 +74,13 @@ def load_recipient(path: Path) -> x25519.Recipient:
     if not keys:
         raise ArchiveError(f"{path} holds no age recipient (a line starting with age1)")
     try:
-        return x25519.Recipient.from_str(keys[0])
-    except Exception:  # noqa: BLE001 - pyrage.RecipientError
+        recipient_bytes(keys[0])
+    except AgeError:
         raise ArchiveError(f"{path} does not hold a valid age X25519 recipient (age1…)") from None
+    return keys[0]
 
 
-def load_identity(path: Path) -> x25519.Identity:
+def load_identity(path: Path) -> str:
     try:
         lines = [ln.strip() for ln in path.read_text().splitlines()]
     except FileNotFoundError:
@@ -85,9 +91,10 @@ def load_identity(path: Path) -> x25519.Identity:
     if not keys:
         raise ArchiveError(f"{path} holds no age identity (a line starting with AGE-SECRET-KEY-)")
     try:
-        return x25519.Identity.from_str(keys[0])
-    except Exception:  # noqa: BLE001 - pyrage.IdentityError
+        identity_key(keys[0])
+    except AgeError:
         raise ArchiveError(f"{path} does not hold a valid age X25519 identity") from None
+    return keys[0]
 
 
 # Members -----------------------------------------------------------------------------------------
@@ -181,39 +188,77 @@ def manifest_bytes(entries: list[Entry]) -> bytes:
     return json.dumps(body, indent=1).encode()
 
 
-def _agepipe(*args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "appliance.backup.agepipe", *args], stderr=subprocess.PIPE, **kwargs
-    )
+_END = object()
 
 
-def _child_error(proc: subprocess.Popen[bytes]) -> str:
-    assert proc.stderr is not None
-    text = proc.stderr.read().decode(errors="replace").strip()
-    return text.splitlines()[-1] if text else f"exit status {proc.returncode}"
+class _Pipeline:
+    """Hands work to a second thread through a small bounded queue, so that the two halves of a
+    backup (read and sha256 the blobs | encrypt and write) or of a restore (decrypt | sha256 and
+    write the members) overlap on two cores: hashlib, file I/O and OpenSSL release the GIL.
+    An error in either thread stops both and is raised in the caller's."""
+
+    def __init__(self, depth: int = 8) -> None:
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def put(self, item: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        if self.error is not None:
+            raise self.error
+
+    def items(self) -> Iterator[Any]:
+        while True:
+            try:
+                item = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                if self.stop.is_set():
+                    return
+                continue
+            if item is _END:
+                return
+            yield item
 
 
-def write_archive(dest: Path, recipient: x25519.Recipient, chunks: Iterable[bytes]) -> int:
-    """Encrypt the stream `chunks` to `recipient` into `dest` (fsynced); return its size.
+def write_archive(dest: Path, recipient: str, chunks: Iterable[bytes]) -> int:
+    """Encrypt the stream `chunks` to `recipient` into `dest` (created 0600, fsynced); return its size.
 
-    age runs in a child process (see agepipe). An error raised while producing the stream (a blob
-    that cannot be read) kills the child and is re-raised here as it was."""
-    proc = _agepipe("encrypt", str(recipient), str(dest), stdin=subprocess.PIPE)
-    assert proc.stdin is not None
+    `chunks` is produced (blobs read and hashed) in a second thread while this one encrypts and
+    writes. An error raised while producing (a blob that cannot be read) propagates as it was."""
+    pipe = _Pipeline()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                pipe.put(chunk)
+                if pipe.stop.is_set():
+                    return
+            pipe.put(_END)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            pipe.error = exc
+            pipe.stop.set()
+
+    producer = threading.Thread(target=produce, name="backup-read", daemon=True)
+    producer.start()
     try:
-        for chunk in chunks:
-            proc.stdin.write(chunk)
-        proc.stdin.close()
-    except BrokenPipeError:
-        proc.wait()
-        raise ArchiveError(f"encrypting the archive failed: {_child_error(proc)}") from None
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    if proc.wait() != 0:
-        raise ArchiveError(f"encrypting the archive failed: {_child_error(proc)}")
-    return dest.stat().st_size
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb", buffering=0) as fh:
+            writer = AgeWriter(fh, recipient)
+            for chunk in pipe.items():
+                writer.write(chunk)
+            if pipe.error is not None:
+                raise pipe.error
+            writer.close()
+            os.fsync(fh.fileno())
+            return fh.tell()
+    finally:
+        pipe.stop.set()
+        producer.join()
 
 
 # Reading -----------------------------------------------------------------------------------------
@@ -376,35 +421,53 @@ def read_archive(
 
     Raises ArchiveError with one line naming the first problem: a wrong key, an edited or truncated
     archive (age's authentication), a member missing, extra, or differing from the manifest."""
-    load_identity(identity_path)  # a clear error for a missing or malformed key, before the child
+    identity = load_identity(identity_path)
     reader = TarReader(sink, on_bytes=on_bytes)
-    proc = _agepipe("decrypt", str(identity_path), str(src), stdout=subprocess.PIPE)
-    assert proc.stdout is not None
+    pipe = _Pipeline()
+
+    def consume() -> None:  # parse, hash and stage in a second thread while this one decrypts
+        try:
+            for chunk in pipe.items():
+                reader.write(chunk)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            pipe.error = exc
+            pipe.stop.set()
+
+    class _Feed:
+        def write(self, data: bytes) -> int:
+            pipe.put(data)
+            return len(data)
+
+    consumer = threading.Thread(target=consume, name="restore-stage", daemon=True)
+    consumer.start()
     try:
-        while chunk := proc.stdout.read(CHUNK):
-            reader.write(chunk)
+        with open(src, "rb", buffering=1 << 20) as fh:
+            decrypt_stream(fh, identity, _Feed())  # type: ignore[arg-type]
+        pipe.put(_END)
+    except AgeError as exc:
+        pipe.stop.set()
+        consumer.join()
+        if pipe.error is not None:
+            raise pipe.error from None
+        text = str(exc)
+        if text.startswith("no matching key"):
+            text = "the backup key does not open this archive (it was encrypted to another key)"
+        elif text.startswith("not an age file"):
+            text = (
+                f"not an age-encrypted backup archive ({text.removeprefix('not an age file ').strip('()')})"
+            )
+        raise ArchiveError(text) from None
     except BaseException:
-        proc.kill()
-        proc.wait()
+        pipe.stop.set()
         raise
-    if proc.wait() != 0:
-        raise ArchiveError(_decrypt_message(_child_error(proc), reader))
+    finally:
+        consumer.join()
+    if pipe.error is not None:
+        raise pipe.error
     if not reader.finished:
         raise ArchiveError("the archive ends before its end-of-archive marker (truncated)")
     check_manifest(reader.result)
     return reader.result
-
-
-def _decrypt_message(text: str, reader: TarReader) -> str:
-    low = text.lower()
-    if "no matching keys" in low or "nomatchingkeys" in low.replace(" ", ""):
-        return "the backup key does not open this archive (it was encrypted to another key)"
-    if reader.result.bytes_read == 0 and ("header" in low or "parse" in low or "invalid" in low):
-        return "not an age-encrypted backup archive (bad header)"
-    return (
-        f"the archive is corrupted or truncated after {reader.result.bytes_read} bytes "
-        f"(authentication failed: {text.strip().splitlines()[0] if text.strip() else 'no detail'})"
-    )
 
 
 def check_manifest(result: ReadResult) -> None:

@@ -126,10 +126,12 @@ def _read_snapshot(conn: psycopg.Connection, store: ObjectStore, settings: Setti
         "SELECT tenant_id::text, kek_id, encode(wrapped_dek, 'hex') FROM tenant_keys ORDER BY tenant_id"
     ).fetchall()
     # Every blob the snapshot's rows reference: originals and extracted texts of live and deleted
-    # (not yet purged) versions alike: a restore must hold whatever its rows point to.
+    # (not yet purged) versions alike, and archived audit segments: a restore must hold whatever
+    # its rows point to.
     rows = conn.execute(
         "SELECT object_key FROM document_versions UNION "
-        "SELECT text_object_key FROM document_versions WHERE text_object_key IS NOT NULL ORDER BY 1"
+        "SELECT text_object_key FROM document_versions WHERE text_object_key IS NOT NULL UNION "
+        "SELECT object_key FROM audit_archives ORDER BY 1"
     ).fetchall()
     objects: list[tuple[str, int]] = []
     for (key,) in rows:

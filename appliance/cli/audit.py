@@ -163,6 +163,75 @@ def export(
     )
 
 
+@app.command("archive")
+def archive(
+    before: str | None = typer.Option(
+        None, "--before", help="Only up to the newest checkpoint signed before this ISO-8601 time."
+    ),
+) -> None:
+    """Copy the events after the last archived segment, up to the newest signed checkpoint, to the
+    object store as a verifiable segment. Audit rows are never deleted."""
+    from appliance.audit.archive import archive_segment
+    from appliance.settings import get_settings
+    from appliance.storage.factory import build_store
+
+    cutoff = _parse_time("--before", before)
+    if cutoff is None:
+        _checkpoint_now()  # archive up to now: anchor the head first
+    store = build_store(get_settings())
+    with _owner_connection() as conn:
+        segment = archive_segment(conn, store, _appliance_public_key(), before=cutoff)
+    if segment is None:
+        console.print("nothing to archive: no signed checkpoint after the last archived segment")
+        return
+    _record_archive(segment.first_seq, segment.last_seq, segment.object_key, segment.sha256.hex())
+    console.print(
+        f"archived seq {segment.first_seq}..{segment.last_seq} "
+        f"({segment.events} events, {segment.size} bytes) as object {segment.object_key}, "
+        f"sha256 {segment.sha256.hex()[:16]}…"
+    )
+
+
+@app.command("verify-archive")
+def verify_archive(pubkeys: list[Path] | None = PubkeyOption) -> None:
+    """Re-read every archived segment from the object store and check it (hash, chain, checkpoints,
+    continuity with the previous segment and with the rows in Postgres)."""
+    from appliance.audit.archive import verify_segments
+    from appliance.settings import get_settings
+    from appliance.storage.factory import build_store
+
+    settings = get_settings()
+    keys = [_appliance_public_key(), *signing.previous_public_keys(settings.keys_dir)]
+    keys += [_public_key(p) for p in pubkeys or []]
+    with _owner_connection() as conn:
+        checks = verify_segments(conn, build_store(settings), keys)
+    bad = [c for c in checks if c.problem is not None]
+    if bad:
+        first = bad[0]
+        fail(f"archived segment seq {first.segment.first_seq}..{first.segment.last_seq}: {first.problem}")
+    last = checks[-1].segment.last_seq if checks else 0
+    console.print(f"{len(checks)} archived segment(s) intact, covering seq 1..{last}")
+
+
+def _record_archive(first: int, last: int, key: str, sha256: str) -> None:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from appliance.audit.service import record
+    from appliance.cli._db import run_in_transaction
+
+    async def work(session: AsyncSession) -> None:
+        record(
+            session,
+            "audit.archive",
+            tenant_id=None,
+            resource_type="audit_segment",
+            resource_id=f"{first}-{last}",
+            details={"object_key": key, "sha256": sha256},
+        )
+
+    run_in_transaction(work)
+
+
 @app.command("pubkey")
 def pubkey() -> None:
     """Print the public key auditors verify exports with (PEM); its key id goes to stderr."""
