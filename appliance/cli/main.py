@@ -6,6 +6,7 @@ import typer
 
 from appliance.cli import audit as audit_cli
 from appliance.cli import backup as backup_cli
+from appliance.cli import bundle as bundle_cli
 from appliance.cli import db as db_cli
 from appliance.cli import ingest as ingest_cli
 from appliance.cli import jobs as jobs_cli
@@ -28,6 +29,7 @@ app.add_typer(audit_cli.app, name="audit", help="Verify, checkpoint and export t
 app.add_typer(db_cli.app, name="db", help="Database schema migrations.")
 app.add_typer(jobs_cli.app, name="jobs", help="List, show and retry background jobs.")
 app.add_typer(backup_cli.app, name="backup", help="Create, verify, list and prune encrypted backups.")
+app.add_typer(bundle_cli.app, name="bundle", help="Build and verify the signed offline bundle.")
 
 app.command("up")(server_cli.up)
 app.command("down")(server_cli.down)

@@ -1,0 +1,2 @@
+"""Production packaging: the container entry points (`container`) and the signed offline bundle
+(`bundle`). See docs/packaging.md."""
