@@ -15,6 +15,7 @@ import os
 import shutil
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,6 +285,12 @@ def check_zip_container(path: Path, limits: Limits) -> None:
         raise ExtractionError("too_large", f"zip package has over {limits.max_zip_entries} entries")
     total = 0
     for info in infos:
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            # OOXML (ECMA-376 part 2) and ODF allow only these two; bzip2/LZMA members have ratios far
+            # beyond deflate's, which the size-lie test below relies on.
+            raise ExtractionError(
+                "corrupt_file", f"zip entry {info.filename!r} uses an unsupported compression"
+            )
         if info.compress_type == zipfile.ZIP_STORED:
             if info.compress_size != info.file_size and not info.flag_bits & 0x1:
                 raise ExtractionError("corrupt_file", f"zip entry {info.filename!r} has inconsistent sizes")
@@ -295,6 +302,49 @@ def check_zip_container(path: Path, limits: Limits) -> None:
                 "too_large",
                 f"zip package inflates to over {limits.max_decompressed_bytes} bytes (declared sizes)",
             )
+
+
+_INFLATE_READ = 1 << 16
+
+
+def check_zip_inflation(path: Path, limits: Limits) -> None:
+    """Inflate every deflated member of a package that passed `check_zip_container`, keeping nothing,
+    and refuse one that inflates beyond its declared size.
+
+    The declared-size checks cannot see the lie in the other direction: a member declared as 1 MB whose
+    1 MB of deflate really inflates to 1 GiB (deflate reaches ~1000:1). Parsers that trust the stream,
+    not the header, would inflate all of it. Each member is inflated at most to its declared size + 1
+    byte, so the work is bounded by the declared total (≤ `max_decompressed_bytes`) and memory by
+    one read. Runs in the sandbox child only: the worker never inflates hostile bytes.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf, path.open("rb") as f:
+            for info in zf.infolist():
+                if info.compress_type != zipfile.ZIP_DEFLATED:
+                    continue  # stored: its size was checked; nothing else got past check_zip_container
+                f.seek(info.header_offset)
+                header = f.read(30)
+                if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                    raise ExtractionError("corrupt_file", f"zip entry {info.filename!r} has no local header")
+                name_length, extra_length = struct.unpack_from("<HH", header, 26)
+                f.seek(info.header_offset + 30 + name_length + extra_length)
+                inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+                left, produced, pending = info.compress_size, 0, b""
+                while produced <= info.file_size and not inflater.eof and (left > 0 or pending):
+                    if not pending:
+                        pending = f.read(min(left, _INFLATE_READ))
+                        if not pending:
+                            break  # truncated: the parser reports it
+                        left -= len(pending)
+                    produced += len(inflater.decompress(pending, info.file_size - produced + 1))
+                    pending = inflater.unconsumed_tail
+                if produced > info.file_size:
+                    raise ExtractionError(
+                        "too_large",
+                        f"zip entry {info.filename!r} inflates beyond its declared {info.file_size} bytes",
+                    )
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, zlib.error) as exc:
+        raise ExtractionError("corrupt_file", f"zip package unreadable: {exc}") from None
 
 
 # ---------------------------------------- assembly

@@ -25,6 +25,7 @@ from appliance.extract.base import (
     Limits,
     RawResult,
     check_zip_container,
+    check_zip_inflation,
     clean_metadata,
 )
 
@@ -68,6 +69,9 @@ def map_error(exc: Exception) -> ExtractionError:
         return ExtractionError("encrypted_file", message)
     if "security limit" in lowered:
         return ExtractionError("too_large", message)
+    if "out of memory" in lowered or "memory allocation of" in lowered:
+        # e.g. ODT "Failed to read content.xml: out of memory": an allocation refused under RLIMIT_AS
+        return ExtractionError("memory_limit", message)
     if isinstance(exc, k.ParsingError | k.OCRError | k.ImageProcessingError | k.ValidationError):
         return ExtractionError("corrupt_file", message)
     return ExtractionError("extractor_crashed", f"{type(exc).__name__}: {message}")
@@ -216,6 +220,7 @@ def extract_document(
     `before_ocr(pages)` is called before OCR starts (the sandbox extends its time budget)."""
     if spec.zip_container:
         check_zip_container(path, limits)
+        check_zip_inflation(path, limits)
     if spec.image:
         if not ocr_available:
             raise ExtractionError("needs_ocr", "image needs OCR but tesseract is not installed")

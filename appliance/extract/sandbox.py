@@ -64,6 +64,10 @@ _MEMORY_MARKERS = (
     "failed to allocate",
     "allocerror",  # Rust TryReserveError surfacing as a pyo3 PanicException
     "failed to map segment",  # the loader could not mmap a shared library under RLIMIT_AS
+    # pdfium is built without exceptions, but its libc++ operator new throws std::bad_alloc under
+    # RLIMIT_AS; Rust cannot unwind a C++ exception and aborts with this line (seen with
+    # self-referencing form XObjects that fan out until memory runs out).
+    "rust cannot catch foreign exceptions",
 )
 _PR_SET_PDEATHSIG = 1
 _HOOKS = ("sleep", "allocate", "segfault", "spin", "flood")

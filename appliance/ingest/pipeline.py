@@ -129,10 +129,15 @@ async def _extract(svc: WorkerServices, dek: bytes, version: DocumentVersion) ->
         source = await anyio.to_thread.run_sync(svc.store.open_source, text_key)
         data = b"".join(BlobReader(dek, text_ctx, source).iter_range(0))
         return dict(json.loads(data))
-    from appliance.extract import ExtractionError
+    from appliance.extract import ExtractionError, Limits
 
     if version.size == 0:
         raise PermanentError("empty", "The document is empty: there is no text to index.")
+    if version.size > Limits().max_bytes:
+        # Refused before decrypting: the plaintext would otherwise fill /dev/shm (RAM) first.
+        raise PermanentError(
+            "too_large", f"The document is {version.size} bytes; extraction's limit is {Limits().max_bytes}."
+        )
 
     original = BlobReader(
         dek,
