@@ -12,7 +12,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,6 +28,7 @@ from appliance.db.engine import Database
 from appliance.documents.routes import router as documents_router
 from appliance.documents.service import Services
 from appliance.documents.signing import UrlSigner
+from appliance.edges import EdgeLimitsMiddleware
 from appliance.enrich.routes import router as enrich_router
 from appliance.errors import PROBLEM_MEDIA_TYPE, AppError, problem_body
 from appliance.health.routes import router as health_router
@@ -36,6 +39,7 @@ from appliance.keys.keyring import Keyring
 from appliance.keys.service import TenantKeyDestroyed
 from appliance.logs import configure_logging, get_logger
 from appliance.openai_compat import router as openai_router
+from appliance.ratelimit import Limiter
 from appliance.search.routes import router as search_router
 from appliance.search.service import SearchServices, search_server_settings
 from appliance.settings import Settings, get_settings
@@ -76,6 +80,9 @@ class RequestContextMiddleware:
                 status_code = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                # RateLimit-* of a limited route's successful response (appliance.ratelimit.enforce)
+                for name, value in (scope["state"].get("rate_limit_headers") or {}).items():
+                    message["headers"].append((name.lower().encode(), value.encode()))
             await send(message)
 
         try:
@@ -144,7 +151,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, f"http_{exc.status_code}"
+        )
         return _problem(
             request, exc.status_code, code, str(exc.detail), str(exc.detail), headers=dict(exc.headers or {})
         )
@@ -186,6 +195,22 @@ def install_error_handlers(app: FastAPI) -> None:
             headers={"Retry-After": "5"},
         )
 
+    @app.exception_handler(DBAPIError)
+    async def database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        # Postgres restarting or unreachable (connection refused, closed, invalidated): the request
+        # changed nothing (its transaction did not commit), so the client may retry.
+        if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+            log.error("database unavailable", path=request.url.path, error=str(exc.orig)[:200])
+            return _problem(
+                request,
+                503,
+                "database_unavailable",
+                "Database unavailable",
+                "The database could not serve this request; try again shortly.",
+                headers={"Retry-After": "5"},
+            )
+        return await unhandled(request, exc)
+
     @app.exception_handler(Exception)
     async def unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", path=request.url.path)
@@ -219,10 +244,80 @@ def _openapi_problem_schema(app: FastAPI) -> None:
             },
         }
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        _document_edge_errors(schema)
+        _document_request_errors(schema)
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _document_edge_errors(schema: dict[str, Any]) -> None:
+    """Errors any route may answer without declaring them: 429 on every authenticated route (rate
+    limits, appliance.ratelimit) and 413 on every route with a body (appliance.edges)."""
+    problem = {
+        PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}},
+    }
+    for item in schema.get("paths", {}).values():
+        for op in item.values():
+            if not isinstance(op, dict) or "responses" not in op:
+                continue
+            responses = op["responses"]
+            if "401" in responses:
+                responses.setdefault("429", {"description": "Rate limit or quota spent", "content": problem})
+            if "requestBody" in op:
+                responses.setdefault("413", {"description": "Request body too large", "content": problem})
+
+
+def _document_request_errors(schema: dict[str, Any]) -> None:
+    """What the error handlers really send for a request FastAPI rejects before the route runs
+    (tests/security/test_fuzz.py holds every response to the schema): 422 as problem+json with the
+    validation `errors` (FastAPI declares its own application/json body), and 400 on every route
+    with a body, for bytes that cannot be parsed at all (e.g. a JSON body that is not UTF-8)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["ValidationProblem"] = {
+        "allOf": [
+            {"$ref": "#/components/schemas/Problem"},
+            {
+                "type": "object",
+                "properties": {
+                    "errors": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "loc": {"type": "array", "items": {}},
+                                "msg": {"type": ["string", "null"]},
+                                "type": {"type": ["string", "null"]},
+                            },
+                        },
+                    }
+                },
+            },
+        ]
+    }
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    for item in schema.get("paths", {}).values():
+        for op in item.values():
+            if not isinstance(op, dict) or "responses" not in op:
+                continue
+            responses = op["responses"]
+            if "422" in responses:
+                responses["422"] = {
+                    "description": "The request did not match the schema (or a value was refused)",
+                    "content": {
+                        PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ValidationProblem"}}
+                    },
+                }
+            if "requestBody" in op:
+                responses.setdefault(
+                    "400",
+                    {
+                        "description": "The body could not be parsed",
+                        "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+                    },
+                )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -244,6 +339,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings=settings, db=app.state.db, keyring=app.state.keyring, store=app.state.store
         )
         app.state.search = SearchServices(settings=settings, keyring=app.state.keyring, redis=app.state.redis)
+        app.state.limiter = Limiter(settings)
         try:
             app.state.llm = LLMClient.from_settings(settings)
         except LookupError:  # no chat model in the manifest: answers and chat report llm_unavailable
@@ -253,6 +349,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if app.state.llm is not None:
                 await app.state.llm.aclose()
+            await app.state.limiter.aclose()
             await app.state.redis.aclose()
             await app.state.db.dispose()
 
@@ -277,5 +374,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(audit_router, prefix=api_prefix)
     app.include_router(openai_router, prefix="/v1")
     _openapi_problem_schema(app)
+    # Outermost last: request id and access log, then CORS (so error responses carry it too), then edges.
+    app.add_middleware(
+        EdgeLimitsMiddleware,
+        max_json_body_bytes=settings.max_json_body_bytes,
+        max_header_bytes=settings.max_header_bytes,
+        body_timeout_s=settings.request_body_timeout_s,
+    )
+    if settings.cors_origins:  # off unless configured: no CORS header at all
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Filename"],
+            expose_headers=[
+                "X-Request-Id",
+                "Retry-After",
+                "RateLimit-Limit",
+                "RateLimit-Remaining",
+                "RateLimit-Reset",
+                "Location",
+            ],
+            max_age=600,
+        )
     app.add_middleware(RequestContextMiddleware)
     return app

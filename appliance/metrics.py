@@ -56,6 +56,16 @@ SEARCH_CACHE = Counter(
     "appliance_search_cache_total", "Search cache lookups by outcome.", ["kind", "outcome"]
 )
 AUTH_FAILURES = Counter("appliance_auth_failures_total", "Rejected API keys by reason.", ["reason"])
+RATE_LIMITED = Counter(
+    "appliance_rate_limited_total",
+    "Requests refused by a rate limit (scope key/tenant) or a concurrency quota (scope concurrency).",
+    ["route_class", "scope"],
+)
+RATE_LIMIT_STORAGE_ERRORS = Counter(
+    "appliance_rate_limit_storage_errors_total",
+    "Redis errors met by rate limits and quotas (each one let a request through: fail open).",
+    ["what"],
+)
 
 
 QUEUES = ("ingest", "enrich", "maintenance", "system")

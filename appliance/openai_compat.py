@@ -27,14 +27,14 @@ from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from appliance.answers import service as answers
 from appliance.answers.routes import LLM, SlotHolder
 from appliance.audit import service as audit
-from appliance.auth.deps import SessionDep, require
+from appliance.auth.deps import GenerationSlot, SessionDep, require
 from appliance.auth.principal import Principal
 from appliance.errors import AppError, Forbidden, NotFound, Unauthorized, problem_responses
 from appliance.inference.llm import LLMSaturated, LLMUnavailable, StreamState, record_usage
@@ -77,10 +77,39 @@ class Grounding(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow")  # other fields (name, tool_calls, ...): accepted, not sent on
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_reply(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs its tool_call_id")
+        return self
+
+    def for_model(self) -> dict[str, Any]:
+        """The message as the model server takes it. Only role and content (and a tool reply's id)
+        go on: a field or role it does not know fails the whole request there as a 5xx (which
+        would count against the LLM's circuit breaker). `developer` is OpenAI's newer `system`;
+        a null content (an assistant turn that only called tools) is empty text to the template."""
+        out: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.content or "",
+        }
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+TokenId = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")]
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object"]
 
 
 class ChatRequest(BaseModel):
@@ -93,6 +122,15 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)
     temperature: float | None = Field(default=None, ge=0, le=2)
     grounding: Grounding | None = None
+    # Sampling options passed on to the model server (_SAMPLING), typed here so that a malformed
+    # one is this API's 422, not a failure of the model server.
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | list[str] | None = Field(default=None, max_length=4)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[TokenId, float] | None = Field(default=None, max_length=300)
+    response_format: ResponseFormat | None = None
 
 
 def _models(svc: Any) -> list[Any]:
@@ -101,7 +139,7 @@ def _models(svc: Any) -> list[Any]:
     return [m for m in load_manifest(svc.settings.models_dir) if m.purpose in ("chat", "embedding")]
 
 
-@router.get("/models", response_model=ModelList, responses=problem_responses(Unauthorized))
+@router.get("/models", response_model=ModelList, responses=problem_responses(Unauthorized, Forbidden))
 async def list_models(principal: Viewer, svc: SearchSvc) -> ModelList:
     now = int(time.time())
     return ModelList(data=[ModelCard(id=m.name, created=now, purpose=m.purpose) for m in _models(svc)])
@@ -156,6 +194,7 @@ async def embeddings(
 
 @router.post(
     "/chat/completions",
+    dependencies=[GenerationSlot],
     responses={
         200: {
             "content": {"text/event-stream": {}},
@@ -171,9 +210,8 @@ async def chat_completions(
     assert tenant_id is not None
     name = _check_model(svc, body.model, "chat")
     max_tokens = body.max_completion_tokens or body.max_tokens or svc.settings.answer_max_tokens
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    extra = body.model_extra or {}
-    passthrough = {k: v for k, v in extra.items() if k in _SAMPLING}
+    messages = [m.for_model() for m in body.messages]
+    passthrough = body.model_dump(include=_SAMPLING, exclude_none=True)
     prepared = None
     if body.grounding is not None and body.grounding.enabled:
         question = next(

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -143,8 +143,58 @@ class Settings(BaseSettings):
     # (and the chain has grown since). docs/audit.md.
     audit_checkpoint_interval_s: int = Field(default=300, ge=1)
 
+    # Rate limits (docs/security.md), in Redis: per API key (rate_limit_*) and per tenant
+    # (tenant_rate_limit_*), per route class, in `limits` notation ("600/minute", "10/second;1000/hour");
+    # "" or "none": no limit. Generous defaults: they stop a runaway client, not normal use.
+    rate_limits_enabled: bool = True
+    rate_limit_upload: str = "300/minute"
+    rate_limit_search: str = "1200/minute"
+    rate_limit_answers: str = "120/minute"
+    rate_limit_openai: str = "600/minute"
+    rate_limit_default: str = "3000/minute"
+    tenant_rate_limit_upload: str = "1200/minute"
+    tenant_rate_limit_search: str = "6000/minute"
+    tenant_rate_limit_answers: str = "600/minute"
+    tenant_rate_limit_openai: str = "3000/minute"
+    tenant_rate_limit_default: str = "12000/minute"
+    # Concurrency quotas per tenant (0: none): uploads and generations (answers, chat) in flight at once,
+    # across all API processes. A slot whose process died is freed after quota_lease_s.
+    tenant_max_concurrent_uploads: int = Field(default=16, ge=0)
+    tenant_max_concurrent_generations: int = Field(default=8, ge=0)
+    quota_lease_s: float = Field(default=60.0, gt=0)
+
+    # Edges (docs/security.md): request bodies other than uploads (JSON), header block size, the longest
+    # wait for the next piece of a request body, and CORS (off unless origins are listed, as JSON:
+    # APPLIANCE_CORS_ORIGINS='["https://app.example"]').
+    max_json_body_bytes: int = Field(default=2 * 1024**2, ge=1024)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    request_body_timeout_s: float = Field(default=60.0, gt=0)
+    cors_origins: list[str] = Field(default_factory=list)
+
     log_level: str = "INFO"
     log_json: bool = True
+
+    @field_validator(
+        "rate_limit_upload",
+        "rate_limit_search",
+        "rate_limit_answers",
+        "rate_limit_openai",
+        "rate_limit_default",
+        "tenant_rate_limit_upload",
+        "tenant_rate_limit_search",
+        "tenant_rate_limit_answers",
+        "tenant_rate_limit_openai",
+        "tenant_rate_limit_default",
+    )
+    @classmethod
+    def _rate_limit_notation(cls, value: str) -> str:
+        from appliance.ratelimit import parse_limit
+
+        try:
+            parse_limit(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a rate limit such as '600/minute': {exc}") from exc
+        return value
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

@@ -21,7 +21,7 @@ from starlette.background import BackgroundTask
 from appliance.answers import service
 from appliance.answers.schemas import AnswerRequest, AnswerResponse
 from appliance.audit import service as audit
-from appliance.auth.deps import SessionDep, require
+from appliance.auth.deps import GenerationSlot, SessionDep, require
 from appliance.auth.principal import Principal
 from appliance.errors import AppError, Forbidden, Unauthorized, problem_responses
 from appliance.inference.llm import LLMClient, LLMSaturated, LLMUnavailable, StreamState, record_usage
@@ -59,6 +59,7 @@ class SlotHolder:
 @router.post(
     "/answers",
     response_model=AnswerResponse,
+    dependencies=[GenerationSlot],
     responses={
         200: {
             "content": {"text/event-stream": {}},

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -13,6 +13,7 @@ from appliance.auth.service import AuthFailure, authenticate, record_auth_failur
 from appliance.context import Actor, actor_var
 from appliance.db.engine import Database
 from appliance.errors import Forbidden
+from appliance.ratelimit import enforce, limiter_of
 
 
 def get_db(request: Request) -> Database:
@@ -31,6 +32,7 @@ async def _principal(request: Request) -> Principal:
         raise
     actor_var.set(Actor("api_key", str(principal.key_id), principal.key_prefix))
     request.state.principal = principal
+    await enforce(request, principal)  # the one place rate limits are applied (appliance.ratelimit)
     return principal
 
 
@@ -44,6 +46,27 @@ async def _session(
 
 
 SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
+
+
+def _concurrency_slot(kind: Literal["uploads", "generations"]) -> Callable[..., AsyncIterator[None]]:
+    """Hold one of the tenant's `kind` slots (appliance.ratelimit) until the response has been sent,
+    streams included (the default dependency scope ends after the response)."""
+
+    async def dep(
+        request: Request, principal: Annotated[Principal, Depends(_principal)]
+    ) -> AsyncIterator[None]:
+        limiter = limiter_of(request)
+        if limiter is None:
+            yield
+            return
+        async with limiter.slot(kind, principal.tenant_id):
+            yield
+
+    return dep
+
+
+UploadSlot: Any = Depends(_concurrency_slot("uploads"))
+GenerationSlot: Any = Depends(_concurrency_slot("generations"))
 
 
 def require(

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from appliance.audit import service as audit
-from appliance.auth.deps import SessionDep, require
+from appliance.auth.deps import SessionDep, UploadSlot, require
 from appliance.auth.principal import Principal
 from appliance.context import Actor, actor_var
 from appliance.documents import service
@@ -81,6 +81,7 @@ def _metadata_param(metadata: str | None) -> dict[str, Any]:
     response_model=DocumentOut,
     status_code=status.HTTP_201_CREATED,
     description=UPLOAD_DOC,
+    dependencies=[UploadSlot],
     responses={
         200: {"model": DocumentOut, "description": "Already stored: the existing document"},
         **problem_responses(Unauthorized, Forbidden, PayloadTooLarge, BadUpload, AppError),
@@ -186,6 +187,7 @@ async def delete_document(document_id: uuid.UUID, principal: Editor, session: Se
     response_model=VersionOut,
     status_code=201,
     description=VERSION_DOC,
+    dependencies=[UploadSlot],
     responses={
         200: {"model": VersionOut, "description": "These bytes are already stored"},
         **problem_responses(Unauthorized, Forbidden, NotFound, PayloadTooLarge, BadUpload),
@@ -274,9 +276,11 @@ async def _content(
     return response
 
 
+# The bytes go out with the version's own (sniffed) content type, so any media type may come back.
+_BYTES = {"*/*": {"schema": {"type": "string", "format": "binary"}}}
 CONTENT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The bytes", "content": {"application/octet-stream": {}}},
-    206: {"description": "The requested range", "content": {"application/octet-stream": {}}},
+    200: {"description": "The bytes", "content": _BYTES},
+    206: {"description": "The requested range", "content": _BYTES},
     **problem_responses(Unauthorized, Forbidden, NotFound, RangeNotSatisfiable),
 }
 

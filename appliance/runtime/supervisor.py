@@ -428,7 +428,8 @@ class Supervisor:
             str(venv_bin("gunicorn")),
             "appliance.api:create_app()",
             "-k",
-            "uvicorn_worker.UvicornWorker",
+            # uvicorn with bounded headers and connections (appliance/runtime/uvicorn.py)
+            "appliance.runtime.uvicorn.ApplianceWorker",
             "-w",
             str(s.api_workers),
             "-b",
