@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     embedding_model: str | None = None
     chat_model: str | None = None
     embedding_threads: int | None = None  # llama.cpp threads per embedder; None: every CPU available
+    # Layers of the embedding model offloaded to the GPU (-1: all) where llama-cpp-python was built
+    # with CUDA (compose/Dockerfile.cuda, the gpu-worker service); 0 keeps it on the CPU.
+    embedding_gpu_layers: int = 0
 
     # The LLM server: one process holds the chat model (an 8–70B model must not be loaded once per API
     # worker); API processes talk to it over loopback HTTP (llama-cpp-python's OpenAI-compatible server).

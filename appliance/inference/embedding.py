@@ -204,7 +204,12 @@ def get_embedder(settings: Settings, name: str | None = None) -> LlamaEmbedder:
     with _cache_lock:  # two threads asking at once load the model once
         embedder = _cache.get(key)
         if embedder is None:
-            embedder = LlamaEmbedder.from_manifest(settings.models_dir, name)
+            embedder = LlamaEmbedder.from_manifest(
+                settings.models_dir,
+                name,
+                n_threads=settings.embedding_threads,
+                n_gpu_layers=settings.embedding_gpu_layers,
+            )
             _cache[key] = embedder
         return embedder
 
