@@ -11,7 +11,7 @@ runs Locust (as a library, headless) with `--users` users for `--minutes`:
 Prints per endpoint: requests, throughput, p50/p95/p99, and the responses by status. Acceptable
 non-2xx are only 429, and 503 with Retry-After (load shedding); anything else is counted as an
 error. Also prints the RSS of every appliance process before and after (a leak shows as growth
-that does not come back). Run as root after ./install.sh --dev (Locust is a dev dependency).
+from a third of the run to its end). Run as root after ./install.sh --dev (Locust is a dev dependency).
 """
 
 from __future__ import annotations
@@ -105,11 +105,15 @@ def processes(env: dict[str, str]) -> dict[str, list[psutil.Process]]:
     return out
 
 
-def rss(env: dict[str, str]) -> dict[str, float]:
-    return {
-        name: sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
-        for name, procs in processes(env).items()
-    }
+def rss(env: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """(RSS, USS) in MiB per component, summed over its processes. RSS counts shared memory (Postgres's
+    shared buffers) once per process that touched it; USS, the memory only that process holds, is the
+    figure that shows a leak."""
+    out = {}
+    for name, procs in processes(env).items():
+        infos = [p.memory_full_info() for p in procs if p.is_running()]
+        out[name] = (sum(i.rss for i in infos) / 2**20, sum(i.uss for i in infos) / 2**20)
+    return out
 
 
 STATE: dict[str, Any] = {"key": "", "docs": []}
@@ -245,19 +249,27 @@ def main() -> None:
         runner = environment.create_local_runner()
         started = time.monotonic()
         runner.start(args.users, spawn_rate=args.spawn_rate)
+        warm: dict[str, tuple[float, float]] = {}
+        # After a third of the run the caches are warm: growth from there to the end would be a leak.
+        gevent.spawn_later(args.minutes * 20, lambda: warm.update(rss(env)))
         gevent.spawn_later(args.minutes * 60, runner.quit)
         runner.greenlet.join()
         elapsed = time.monotonic() - started
         time.sleep(5)  # let in-flight work settle before the second RSS reading
         after = rss(env)
-        report(environment, elapsed, before, after, args)
+        report(environment, elapsed, before, warm, after, args)
     finally:
         cli(env, "down")
         shutil.rmtree(home, ignore_errors=True)
 
 
 def report(
-    environment: Environment, elapsed: float, before: dict, after: dict, args: argparse.Namespace
+    environment: Environment,
+    elapsed: float,
+    before: dict,
+    warm: dict,
+    after: dict,
+    args: argparse.Namespace,
 ) -> None:
     print(f"\n{args.users} users, {elapsed / 60:.1f} min, {args.docs} seed documents\n")
     print("| endpoint | requests | req/s | p50 ms | p95 ms | p99 ms | failures | responses |")
@@ -270,10 +282,11 @@ def report(
             f"{entry.get_response_time_percentile(0.95):.0f} | "
             f"{entry.get_response_time_percentile(0.99):.0f} | {entry.num_failures} | {codes} |"
         )
-    print("\n| process | RSS before (MiB) | RSS after (MiB) |")
-    print("| --- | --- | --- |")
+    print("\n| process | RSS before | RSS at 1/3 | RSS after | USS before | USS at 1/3 | USS after | (MiB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in sorted(set(before) | set(after)):
-        print(f"| {name} | {before.get(name, 0):.0f} | {after.get(name, 0):.0f} |")
+        b, w, a = (d.get(name, (0.0, 0.0)) for d in (before, warm, after))
+        print(f"| {name} | {b[0]:.0f} | {w[0]:.0f} | {a[0]:.0f} | {b[1]:.0f} | {w[1]:.0f} | {a[1]:.0f} | |")
 
 
 if __name__ == "__main__":
