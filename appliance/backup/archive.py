@@ -283,12 +283,12 @@ class ReadResult:
 class TarReader:
     """A push parser for the tar stream this module writes: feed it with `write(bytes)`.
 
-    Small JSON members (backup.json, MANIFEST.json, keys/…) are kept; every member is hashed and
+    backup.json and MANIFEST.json are kept and parsed; every member is hashed and
     handed to `sink`. Only plain files are accepted; any other entry (links, devices, paths with
     '..' or a leading '/') is refused, so a crafted archive cannot write outside the staging area.
     """
 
-    KEEP = {METADATA, MANIFEST, TENANT_KEYS, KEK_DESCRIPTOR}
+    KEEP = {METADATA, MANIFEST}  # parsed here; a sink keeps whatever else it needs
 
     def __init__(
         self, sink: MemberSink | None = None, *, on_bytes: Callable[[int], None] | None = None
@@ -305,19 +305,11 @@ class TarReader:
         self.kept: dict[str, bytes] = {}
         self.result = ReadResult()
         self.finished = False
-        self.error: BaseException | None = None  # raised by us or the sink inside age's call
 
-    # file-like, for pyrage.decrypt_io
     def write(self, b: Any) -> int:
-        if self.error is not None:  # age may retry a failed write: never feed past the first error
-            raise self.error
         data = bytes(b)
         self.result.bytes_read += len(data)
-        try:
-            self._feed(data)
-        except BaseException as exc:
-            self.error = exc
-            raise
+        self._feed(data)
         return len(data)
 
     def flush(self) -> None:

@@ -41,7 +41,7 @@ from appliance.backup.archive import (
 )
 from appliance.backup.create import pg_env
 from appliance.keys.kek import FileKeyProvider, KeyProvider, KeyProviderError
-from appliance.keys.keyring import CURRENT, RETIRED_PREFIX
+from appliance.keys.keyring import RETIRED_PREFIX
 from appliance.keys.service import dek_aad
 from appliance.runtime.common import RuntimeFailure, write_private
 from appliance.runtime.home import identity_for, prepare_home
@@ -455,8 +455,6 @@ def _install_keys(
     keys_dir = settings.keys_dir
     for i, provider in enumerate(providers):
         target = settings.master_key_path if i == 0 else keys_dir / f"{RETIRED_PREFIX}{provider.key_id}"
-        if i == 0 and target.name != CURRENT and settings.master_key_file is None:
-            target = keys_dir / CURRENT
         with open(provider.path, "rb") as fh:
             write_private(target, fh.read(), ident)
     if kek_json is not None:
