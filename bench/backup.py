@@ -20,21 +20,19 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.ingest import free_port  # noqa: E402
+
 MiB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def settings_for(home: Path, ports: tuple[int, int]):  # type: ignore[no-untyped-def]

@@ -26,11 +26,10 @@ import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
@@ -38,6 +37,10 @@ import psutil  # noqa: E402
 import requests  # noqa: E402
 from locust import HttpUser, between, task  # noqa: E402
 from locust.env import Environment  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.ingest import cli, free_port  # noqa: E402
 
 WORDS = [
     "boiler",
@@ -73,26 +76,10 @@ QUESTIONS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def text_body(seed: int) -> bytes:
     rnd = random.Random(seed)
     paragraphs = [" ".join(rnd.choice(WORDS) for _ in range(60)) + "." for _ in range(6)]
     return (f"Document {seed}\n\n" + "\n\n".join(paragraphs) + "\n").encode()
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "appliance.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def processes(env: dict[str, str]) -> dict[str, list[psutil.Process]]:
