@@ -42,6 +42,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from appliance.audit.signing import public_pem
+
 MANIFEST = "SHA256SUMS"
 SIGNATURE = "SHA256SUMS.sig"
 METADATA = "bundle.json"
@@ -88,12 +90,8 @@ def generate_keypair(private_path: Path) -> Path:
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
-    public_path.write_bytes(public_key_pem(key.public_key()))
+    public_path.write_bytes(public_pem(key.public_key()))
     return public_path
-
-
-def public_key_pem(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
