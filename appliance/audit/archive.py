@@ -32,6 +32,10 @@ from appliance.audit.export import verify_export, write_export
 from appliance.storage.base import ObjectNotFound, ObjectStore
 
 
+class SegmentError(Exception):
+    """A segment that cannot be archived as it stands (one line); nothing is recorded."""
+
+
 @dataclass(frozen=True)
 class Segment:
     first_seq: int
@@ -73,11 +77,11 @@ def archive_segment(
         with open(path, "w", encoding="utf-8") as fh:
             summary = write_export(conn, fh, public_key=public_key, seqs=(first, last))
         if summary.events != last - first + 1:
-            raise RuntimeError(f"audit rows {first}..{last} are not all present ({summary.events} found)")
+            raise SegmentError(f"audit rows {first}..{last} are not all present ({summary.events} found)")
         # The segment must verify before it is recorded as the trail's copy.
         result = verify_export(path, [public_key])
         if not result.ok or result.last_anchored_seq != last:
-            raise RuntimeError(f"the segment {first}..{last} does not verify: {result.first_break}")
+            raise SegmentError(f"the segment {first}..{last} does not verify: {result.first_break}")
         digest = _sha256(path)
         key = store.new_key()
         store.put_file(key, path)

@@ -171,16 +171,20 @@ def archive(
 ) -> None:
     """Copy the events after the last archived segment, up to the newest signed checkpoint, to the
     object store as a verifiable segment. Audit rows are never deleted."""
-    from appliance.audit.archive import archive_segment
+    from appliance.audit.archive import SegmentError, archive_segment
     from appliance.settings import get_settings
+    from appliance.storage.base import StorageError
     from appliance.storage.factory import build_store
 
     cutoff = _parse_time("--before", before)
     if cutoff is None:
         _checkpoint_now()  # archive up to now: anchor the head first
-    store = build_store(get_settings())
-    with _owner_connection() as conn:
-        segment = archive_segment(conn, store, _appliance_public_key(), before=cutoff)
+    try:
+        store = build_store(get_settings())
+        with _owner_connection() as conn:
+            segment = archive_segment(conn, store, _appliance_public_key(), before=cutoff)
+    except (SegmentError, StorageError) as exc:
+        fail(f"nothing archived: {exc}")
     if segment is None:
         console.print("nothing to archive: no signed checkpoint after the last archived segment")
         return
@@ -198,13 +202,17 @@ def verify_archive(pubkeys: list[Path] | None = PubkeyOption) -> None:
     continuity with the previous segment and with the rows in Postgres)."""
     from appliance.audit.archive import verify_segments
     from appliance.settings import get_settings
+    from appliance.storage.base import StorageError
     from appliance.storage.factory import build_store
 
     settings = get_settings()
     keys = [_appliance_public_key(), *signing.previous_public_keys(settings.keys_dir)]
     keys += [_public_key(p) for p in pubkeys or []]
-    with _owner_connection() as conn:
-        checks = verify_segments(conn, build_store(settings), keys)
+    try:
+        with _owner_connection() as conn:
+            checks = verify_segments(conn, build_store(settings), keys)
+    except StorageError as exc:
+        fail(f"cannot read the archived segments: {exc}")
     bad = [c for c in checks if c.problem is not None]
     if bad:
         first = bad[0]
