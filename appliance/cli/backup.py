@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import typer
 from rich.progress import (
     BarColumn,
@@ -26,6 +27,7 @@ from appliance.backup.retention import list_backups, prune
 from appliance.cli._common import console, err_console, fail, print_json
 from appliance.cli._db import run_in_transaction
 from appliance.settings import get_settings
+from appliance.storage.base import StorageError
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -73,8 +75,10 @@ def create(
             result = create_backup(
                 settings, dest, on_start=started, on_bytes=lambda n: progress.advance(task, n)
             )
-        except (BackupError, ArchiveError) as exc:
+        except (BackupError, ArchiveError, StorageError) as exc:
             fail(f"backup failed: {exc}")
+        except (psycopg.Error, OSError) as exc:  # the database or the disk gave out mid-way
+            fail(f"backup failed (nothing kept): {' '.join(str(exc).split())[:300]}")
     _audit(
         "backup.create",
         result.path.name,
@@ -246,8 +250,10 @@ def restore(
                 on_bytes=lambda n: progress.advance(task, n),
                 on_phase=lambda name: progress.update(task, description=name),
             )
-        except RestoreError as exc:
+        except (RestoreError, StorageError) as exc:
             fail(f"restore failed: {exc}")
+        except (psycopg.Error, OSError) as exc:
+            fail(f"restore failed: {' '.join(str(exc).split())[:300]}")
     meta = result.metadata
     aside = f"; the previous data is in {result.moved_aside}" if result.moved_aside else ""
     console.print(
