@@ -1,8 +1,11 @@
 """Rate limits and concurrency quotas, kept in Redis so they hold across API processes and restarts.
 
-Rate limits (the `limits` library, sliding-window counters in Redis) apply per API key and per tenant,
-by route class: every authenticated request passes `enforce()` once, right after authentication
-(appliance.auth.deps), so a new route is limited (as `default`) without having to ask for it.
+Rate limits (sliding-window counters in Redis, the `limits` library's algorithm and notation) apply per
+API key and per tenant, by route class: every authenticated request passes `enforce()` once, right
+after authentication (appliance.auth.deps), so a new route is limited (as `default`) without having to
+ask for it. All of a request's limits are checked and counted by one Lua script, in one round trip:
+`limits`' own Redis strategy takes two per limit (hit, then the window for the headers), four per
+request, which measured 0.6 ms of API time on a 15 ms search. A refused request counts against none.
 
 Concurrency quotas bound how many uploads and generations (answers, chat completions) one tenant has
 in flight. A slot is a member of a Redis sorted set scored by its lease's expiry; the holder renews it
@@ -27,9 +30,6 @@ from typing import Literal
 import redis.asyncio as aioredis
 from fastapi import Request
 from limits import RateLimitItem, parse_many
-from limits.aio.storage import RedisStorage
-from limits.aio.strategies import SlidingWindowCounterRateLimiter
-from limits.errors import StorageError
 from redis.exceptions import RedisError
 
 from appliance import metrics
@@ -112,6 +112,30 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
+_SLIDING_WINDOWS = """
+-- KEYS: per limit, its current and previous window's counter. ARGV: now (ms), then per limit: amount,
+-- window (ms). Sliding-window counter: the previous window's count weighted by how much of it still
+-- overlaps the sliding window, plus the current one's. All limits pass, then all are counted;
+-- returns {0, i, reset_ms} when limit i refuses, else {1, remaining_1, reset_1, remaining_2, ...}.
+local now = tonumber(ARGV[1])
+local out = {1}
+for i = 1, #KEYS / 2 do
+  local amount = tonumber(ARGV[2 * i])
+  local window = tonumber(ARGV[2 * i + 1])
+  local elapsed = now % window
+  local prev = tonumber(redis.call('GET', KEYS[2 * i]) or '0')
+  local cur = tonumber(redis.call('GET', KEYS[2 * i - 1]) or '0')
+  local used = prev * (window - elapsed) / window + cur
+  if used + 1 > amount then return {0, i, window - elapsed} end
+  out[2 * i] = math.floor(amount - used - 1)
+  out[2 * i + 1] = window - elapsed
+end
+for i = 1, #KEYS / 2 do
+  redis.call('INCR', KEYS[2 * i - 1])
+  redis.call('PEXPIRE', KEYS[2 * i - 1], 2 * tonumber(ARGV[2 * i + 1]))
+end
+return out
+"""
 _RENEW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -138,14 +162,7 @@ class Limiter:
         self.redis = aioredis.from_url(
             settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=30
         )
-        storage = RedisStorage(
-            f"async+{settings.redis_url}",
-            implementation="redispy",
-            wrap_exceptions=True,
-            key_prefix=KEY_PREFIX,
-            connection_pool=self.redis.connection_pool,  # type: ignore[arg-type]
-        )
-        self.strategy = SlidingWindowCounterRateLimiter(storage)
+        self._windows = self.redis.register_script(_SLIDING_WINDOWS)
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)
         self._down_until = 0.0
@@ -179,27 +196,36 @@ class Limiter:
         ]
         if principal.tenant_id is not None:
             checks += [("tenant", item, f"tenant:{principal.tenant_id}") for item in self.per_tenant[cls]]
-        tightest: Window | None = None
+        if not checks:
+            return None
+        now_ms = int(time.time() * 1000)
+        keys: list[str] = []
+        args: list[int] = [now_ms]
+        for _, item, ident in checks:
+            window_ms = item.get_expiry() * 1000
+            index = now_ms // window_ms
+            base = f"{KEY_PREFIX}:{cls}:{ident}:{item.amount}/{window_ms}"
+            keys += [f"{base}:{index}", f"{base}:{index - 1}"]
+            args += [item.amount, window_ms]
         try:
-            for scope, item, ident in checks:
-                allowed = await self.strategy.hit(item, ident, cls)
-                stats = await self.strategy.get_window_stats(item, ident, cls)
-                reset_s = max(0, math.ceil(stats.reset_time - time.time()))
-                window = Window(item.amount, stats.remaining, reset_s)
-                if not allowed:
-                    metrics.RATE_LIMITED.labels(cls, scope).inc()
-                    retry = max(1, reset_s)
-                    raise RateLimited(
-                        f"The {scope} rate limit for {cls} requests ({item}) is spent; retry in {retry} s.",
-                        headers={**Window(item.amount, 0, retry).headers(), "Retry-After": str(retry)},
-                        extra={"limit_scope": scope, "route_class": cls},
-                    )
-                if tightest is None or window.remaining < tightest.remaining:
-                    tightest = window
-        except (StorageError, RedisError, OSError) as exc:
+            reply = await self._windows(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
             self._storage_failed("rate_limit", exc)
             return None
-        return tightest
+        if not reply[0]:
+            scope, item, _ = checks[int(reply[1]) - 1]
+            metrics.RATE_LIMITED.labels(cls, scope).inc()
+            retry = max(1, math.ceil(int(reply[2]) / 1000))
+            raise RateLimited(
+                f"The {scope} rate limit for {cls} requests ({item}) is spent; retry in {retry} s.",
+                headers={**Window(item.amount, 0, retry).headers(), "Retry-After": str(retry)},
+                extra={"limit_scope": scope, "route_class": cls},
+            )
+        windows = [
+            Window(item.amount, max(0, int(reply[1 + 2 * i])), math.ceil(int(reply[2 + 2 * i]) / 1000))
+            for i, (_, item, _) in enumerate(checks)
+        ]
+        return min(windows, key=lambda w: w.remaining)
 
     # Concurrency quotas ------------------------------------------------------------------------
     @contextlib.asynccontextmanager

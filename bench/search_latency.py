@@ -3,7 +3,7 @@
     .venv/bin/python bench/search_latency.py --chunks 100000 [--chunks 1000000] [--queries 200]
         [--concurrency 1,8] [--ef-search 40,100] [--ef-curve 10,20,40,64,100,200]
         [--real-queries 100] [--fulltext-queries N] [--exact-check 10] [--api-workers N] [--m M]
-        [--ef-construction N] [--build-workers N] [--curve-only] [--seed 1] [--keep-home]
+        [--ef-construction N] [--build-workers N] [--curve-only] [--seed 1] [--keep-home | --home DIR]
 
 Starts `appliance up --detach` in a throw-away home on free loopback ports (as bench/ingest.py does;
 always `appliance down` at the end, also on errors, Ctrl-C and SIGTERM; the home is removed unless
@@ -144,6 +144,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -512,12 +513,18 @@ def superuser_connect(settings: Settings) -> psycopg.Connection:
 class Appliance:
     """A throw-away appliance on free loopback ports; restarted to change the ef_search setting."""
 
-    def __init__(self, home: Path, api_workers: int | None) -> None:
+    def __init__(self, home: Path, api_workers: int | None, ports: dict[str, int] | None = None) -> None:
         self.home = home
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-        ports = {name: free_port() for name in ("api_port", "pg_port", "redis_port", "llm_port")}
+        ports = ports or {name: free_port() for name in ("api_port", "pg_port", "redis_port", "llm_port")}
+        self.ports = ports
         self.env.update(
             {f"APPLIANCE_{k.upper()}": str(v) for k, v in ports.items()}, APPLIANCE_HOME=str(home)
+        )
+        # The limiter stays in the path (its Redis round trip is part of a search) but must not trip:
+        # a pass sends more than the default 1,200 searches a minute per key.
+        self.env.update(
+            APPLIANCE_RATE_LIMIT_SEARCH="1000000/minute", APPLIANCE_TENANT_RATE_LIMIT_SEARCH="1000000/minute"
         )
         if api_workers is not None:
             self.env["APPLIANCE_API_WORKERS"] = str(api_workers)
@@ -1095,7 +1102,18 @@ def run(app: Appliance, args: argparse.Namespace, sizes: list[int]) -> None:
         f"appliance up in {took:.0f} s ({app.home}): API workers {settings.api_workers}; "
         f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
     )
-    tenant, key = create_tenant(app.url, next(w for w in out.split() if w.startswith("apl_")))
+    state_file = app.home / "bench-state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    if state:
+        tenant, key = uuid.UUID(state["tenant"]), state["key"]
+        print(f"reusing {app.home}: tenant {tenant}, {state['docs']:,} documents (seed {state['seed']})")
+        if state["seed"] != args.seed or state["chunks_per_doc"] != args.chunks_per_doc:
+            raise SystemExit("--seed and --chunks-per-doc must match the run that loaded this home")
+    else:
+        tenant, key = create_tenant(app.url, next(w for w in out.split() if w.startswith("apl_")))
+        state = {"tenant": str(tenant), "key": key, "docs": 0, "seed": args.seed}
+        state.update(ports=app.ports, chunks_per_doc=args.chunks_per_doc)
+        state_file.write_text(json.dumps(state))
     model = get_model(settings.models_dir, name=settings.embedding_model, purpose="embedding").name
     if model != EMBEDDING_MODEL:
         raise SystemExit(f"the embedding model is {model}; this bench writes {EMBEDDING_MODEL} rows")
@@ -1127,33 +1145,47 @@ def run(app: Appliance, args: argparse.Namespace, sizes: list[int]) -> None:
         knn_sql = asyncio.run(capture_knn_sql(settings, tenant, model, queries.vectors[0]))
         ctx = Context(app, settings, tenant, key, model, knn_sql, redis.Redis.from_url(settings.redis_url))
         defs: dict[str, str] = {}
-        loaded_docs = 0
+        loaded_docs = int(state["docs"])
         summary: list[str] = []
         taken: set[str] = set()
         for size in sizes:
             docs = -(-size // args.chunks_per_doc)
             print(f"\n== {size:,} chunks ({docs:,} documents)")
-            drop_search_indexes(owner, defs)
-            t0 = time.perf_counter()
-            with superuser_connect(settings) as su:
-                n, samples, gen_s = load(su, loaded_docs, docs, tenant, dek, mix, vocab, args)
-            load_s = time.perf_counter() - t0
-            loaded_docs = docs
+            if docs < loaded_docs:
+                raise SystemExit(f"this home already holds {loaded_docs:,} documents: use a larger --chunks")
+            measure_size = docs > loaded_docs  # False: this --home holds exactly these rows already
+            if not measure_size:
+                print("  already loaded (--home): measuring only")
+            if measure_size:
+                drop_search_indexes(owner, defs)
+                t0 = time.perf_counter()
+                with superuser_connect(settings) as su:
+                    n, samples, gen_s = load(su, loaded_docs, docs, tenant, dek, mix, vocab, args)
+                load_s = time.perf_counter() - t0
+                loaded_docs = docs
+                total = owner.execute("SELECT count(*) FROM chunks").fetchone()[0]  # type: ignore[index]
+                owner.commit()
+                print(
+                    f"  loaded {n:,} chunks (table now {total:,}) in {load_s:.1f} s "
+                    f"({n / load_s:,.0f} chunks/s; "
+                    f"generating and sealing {gen_s:.1f} s of it, overlapped with COPY)"
+                )
+                check_rows(owner, samples, tenant, dek)
+                took_ix = build_indexes(owner, defs, args)
+                m, efc = hnsw_params(owner)
+                print(
+                    f"  HNSW (m {m}, ef_construction {efc}) in {took_ix['ix_chunks_embedding_hnsw']:.1f} s, "
+                    f"GIN in {took_ix['ix_chunks_tsv']:.1f} s, "
+                    f"VACUUM ANALYZE {took_ix['vacuum_analyze']:.1f} s "
+                    f"(maintenance_work_mem {args.maintenance_work_mem}, "
+                    f"{args.build_workers} parallel workers); "
+                    f"load + build {load_s + sum(took_ix.values()):.0f} s"
+                )
+                state["docs"] = loaded_docs
+                (app.home / "bench-state.json").write_text(json.dumps(state))
             total = owner.execute("SELECT count(*) FROM chunks").fetchone()[0]  # type: ignore[index]
             owner.commit()
-            print(
-                f"  loaded {n:,} chunks (table now {total:,}) in {load_s:.1f} s ({n / load_s:,.0f} chunks/s; "
-                f"generating and sealing {gen_s:.1f} s of it, overlapped with COPY)"
-            )
-            check_rows(owner, samples, tenant, dek)
-            took_ix = build_indexes(owner, defs, args)
             m, efc = hnsw_params(owner)
-            print(
-                f"  HNSW (m {m}, ef_construction {efc}) in {took_ix['ix_chunks_embedding_hnsw']:.1f} s, "
-                f"GIN in {took_ix['ix_chunks_tsv']:.1f} s, VACUUM ANALYZE {took_ix['vacuum_analyze']:.1f} s "
-                f"(maintenance_work_mem {args.maintenance_work_mem}, {args.build_workers} parallel workers); "
-                f"load + build {load_s + sum(took_ix.values()):.0f} s"
-            )
             print(f"  sizes: {relation_sizes(owner)}")
             t0 = time.perf_counter()
             exact, exact_sims, scanned = exact_numpy(ctx, queries.vectors)
@@ -1275,20 +1307,33 @@ def main() -> None:
         "--curve-only", action="store_true", help="load, build, recall curve; no appliance-level passes"
     )
     ap.add_argument("--keep-home", action="store_true", help="keep the throw-away appliance home")
+    ap.add_argument(
+        "--home",
+        help="appliance home to create or reuse (kept): a second run on it skips the sizes already "
+        "loaded and measures only (same --seed; ports, tenant and key in DIR/bench-state.json)",
+    )
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress through `tee`
     sizes = sorted(set(args.chunks or [100000]))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the same clean-up as Ctrl-C
     print("$ " + " ".join([Path(sys.executable).name, *sys.argv]))
 
-    home = Path(tempfile.mkdtemp(prefix="appliance-bench-search-", dir="/var/tmp"))
+    ports = None
+    if args.home:
+        home = Path(args.home).resolve()
+        home.mkdir(parents=True, exist_ok=True)
+        state_file = home / "bench-state.json"
+        if state_file.exists():
+            ports = json.loads(state_file.read_text())["ports"]
+    else:
+        home = Path(tempfile.mkdtemp(prefix="appliance-bench-search-", dir="/var/tmp"))
     os.chmod(home, 0o755)
-    app = Appliance(home, args.api_workers)
+    app = Appliance(home, args.api_workers, ports)
     try:
         run(app, args, sizes)
     finally:
         app.down()
-        if args.keep_home:
+        if args.keep_home or args.home:
             print(f"kept the appliance home {home}")
         else:
             shutil.rmtree(home, ignore_errors=True)

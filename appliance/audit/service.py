@@ -9,6 +9,7 @@ length of a request. If the insert fails, the transaction fails: no change witho
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -80,17 +81,28 @@ def record(
     )
 
 
-async def flush_pending(session: AsyncSession) -> None:
-    pending: list[PendingEvent] = session.info.pop("audit_pending", None) or []
-    if not pending:
-        return
-    head = (
-        await session.execute(
-            select(AuditChainHead.seq, AuditChainHead.hash).where(AuditChainHead.id == 1).with_for_update()
-        )
-    ).one()
-    seq, prev_hash = int(head.seq), bytes(head.hash)
-    txn_tenant = session.info.get("tenant_id")
+_EVENT_CASTS = {
+    "seq": "bigint",
+    "id": "uuid",
+    "occurred_at": "timestamptz",
+    "tenant_id": "uuid",
+    "actor_type": "text",
+    "actor_id": "text",
+    "action": "text",
+    "resource_type": "text",
+    "resource_id": "text",
+    "outcome": "text",
+    "request_id": "text",
+    "client_addr": "text",
+    "details": "jsonb",
+    "prev_hash": "bytea",
+    "hash": "bytea",
+}
+_last_head: list[tuple[int, bytes]] = []
+"""Where this process last left the chain head (seq, hash): the guess `flush_pending` tries first."""
+
+
+def _chain(pending: list[PendingEvent], seq: int, prev_hash: bytes) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for event in pending:
         seq += 1
@@ -112,8 +124,69 @@ async def flush_pending(session: AsyncSession) -> None:
         row["prev_hash"] = prev_hash
         row["hash"] = prev_hash = link_hash(prev_hash, row)
         rows.append(row)
-    head_update = update(AuditChainHead).where(AuditChainHead.id == 1).values(seq=seq, hash=prev_hash)
-    if all(row["tenant_id"] == txn_tenant for row in rows):
+    return rows
+
+
+async def _append_if_head(
+    session: AsyncSession, rows: list[dict[str, Any]], head_seq: int, head_hash: bytes
+) -> bool:
+    """One round trip: move the head from (`head_seq`, `head_hash`) to the last row and insert the
+    rows, or change nothing when the head is elsewhere (another process appended meanwhile). The UPDATE
+    takes the head's row lock and, under READ COMMITTED, re-checks its condition against the latest
+    committed head, so two writers can never both append after the same event."""
+    params: dict[str, Any] = {
+        "old_seq": head_seq,
+        "old_hash": head_hash,
+        "new_seq": rows[-1]["seq"],
+        "new_hash": rows[-1]["hash"],
+    }
+    selects = []
+    for i, row in enumerate(rows):
+        values = []
+        for column, cast in _EVENT_CASTS.items():
+            params[f"{column}_{i}"] = json.dumps(row[column]) if column == "details" else row[column]
+            values.append(f"CAST(:{column}_{i} AS {cast})")
+        selects.append(f"SELECT {', '.join(values)} FROM head")
+    result = await session.execute(
+        text(
+            "WITH head AS (UPDATE audit_chain_head SET seq = :new_seq, hash = :new_hash"
+            " WHERE id = 1 AND seq = :old_seq AND hash = :old_hash RETURNING 1),"
+            f" ins AS (INSERT INTO audit_events ({', '.join(_EVENT_CASTS)}) {' UNION ALL '.join(selects)}"
+            " RETURNING 1)"
+            " SELECT count(*) FROM ins"
+        ),
+        params,
+    )
+    return int(result.scalar_one()) == len(rows)
+
+
+async def flush_pending(session: AsyncSession) -> None:
+    pending: list[PendingEvent] = session.info.pop("audit_pending", None) or []
+    if not pending:
+        return
+    txn_tenant = session.info.get("tenant_id")
+    same_tenant = all(event.tenant_id == txn_tenant for event in pending)
+    if same_tenant and _last_head:
+        # Usually nobody else appended since this process did: chain onto that head without
+        # reading it first (saves a round trip and the row lock's wait on the way in).
+        seq, prev_hash = _last_head[0]
+        rows = _chain(pending, seq, prev_hash)
+        if await _append_if_head(session, rows, seq, prev_hash):
+            _last_head[:] = [(rows[-1]["seq"], rows[-1]["hash"])]
+            return
+    head = (
+        await session.execute(
+            select(AuditChainHead.seq, AuditChainHead.hash).where(AuditChainHead.id == 1).with_for_update()
+        )
+    ).one()
+    rows = _chain(pending, int(head.seq), bytes(head.hash))
+    _last_head[:] = [(rows[-1]["seq"], rows[-1]["hash"])]  # if this rolls back, the next guess misses
+    head_update = (
+        update(AuditChainHead)
+        .where(AuditChainHead.id == 1)
+        .values(seq=rows[-1]["seq"], hash=rows[-1]["hash"])
+    )
+    if same_tenant:
         # The usual case (one request, one tenant): the rows and the new head in one statement.
         await session.execute(head_update.add_cte(insert(AuditEvent).values(rows).cte("audit_rows")))
         return

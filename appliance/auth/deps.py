@@ -22,7 +22,11 @@ def get_db(request: Request) -> Database:
 
 
 async def _principal(request: Request) -> Principal:
-    """Authenticate in a short transaction of its own (it commits the key's last use)."""
+    """Authenticate in a short transaction of its own (it commits the key's last use), unless the
+    request's transaction has authenticated already (`_session` listed first)."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is not None:
+        return principal
     db = get_db(request)
     try:
         async with db.transaction() as session:
@@ -30,19 +34,37 @@ async def _principal(request: Request) -> Principal:
     except AuthFailure as failure:
         await record_auth_failure(db, failure)
         raise
-    actor_var.set(Actor("api_key", str(principal.key_id), principal.key_prefix))
-    request.state.principal = principal
-    await enforce(request, principal)  # the one place rate limits are applied (appliance.ratelimit)
+    await _admit(request, principal)
     return principal
 
 
-async def _session(
-    request: Request, principal: Annotated[Principal, Depends(_principal)]
-) -> AsyncIterator[AsyncSession]:
+async def _admit(request: Request, principal: Principal) -> None:
+    actor_var.set(Actor("api_key", str(principal.key_id), principal.key_prefix))
+    request.state.principal = principal
+    await enforce(request, principal)  # the one place rate limits are applied (appliance.ratelimit)
+
+
+async def _session(request: Request) -> AsyncIterator[AsyncSession]:
     """The request's unit of work: one transaction scoped to the caller's tenant, committed before
-    the response is sent (scope="function"). Uploads stream outside it and open their own."""
-    async with get_db(request).transaction(tenant_id=principal.tenant_id) as session:
-        yield session
+    the response is sent (scope="function"). Uploads stream outside it and open their own.
+
+    When it runs before anything else authenticated the request (a route lists its session first), it
+    authenticates inside this transaction: one statement instead of a transaction of its own."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    db = get_db(request)
+    authenticated = principal is not None
+    try:
+        async with db.transaction(tenant_id=principal.tenant_id if principal else None) as session:
+            if principal is None:
+                principal = await authenticate(session, request.headers.get("authorization"))
+                await _admit(request, principal)
+                authenticated = True
+            yield session
+    except AuthFailure as failure:
+        if authenticated:
+            raise  # raised by the route, not by authentication
+        await record_auth_failure(db, failure)
+        raise
 
 
 SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]

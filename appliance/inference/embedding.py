@@ -214,6 +214,11 @@ def get_embedder(settings: Settings, name: str | None = None) -> LlamaEmbedder:
         return embedder
 
 
+def loaded_embedder(settings: Settings, name: str) -> LlamaEmbedder | None:
+    """The process's embedder `name` if it is loaded already (no disk, no lock: callable on an event loop)."""
+    return _cache.get((os.getpid(), Path(settings.models_dir).resolve(), name))
+
+
 @atexit.register
 def _close_all() -> None:
     # Close before interpreter shutdown tears down llama_cpp's module globals, which makes

@@ -76,11 +76,15 @@ async def tenant_dek(session: AsyncSession, keyring: Keyring, tenant_id: uuid.UU
                 resource_id=tenant_id,
                 details={"kek_id": provider.key_id},
             )
-    wrapped = bytes(row.wrapped_dek)
+    return unwrap_dek(keyring, tenant_id, bytes(row.wrapped_dek), row.kek_id)
+
+
+def unwrap_dek(keyring: Keyring, tenant_id: uuid.UUID, wrapped: bytes, kek_id: str) -> bytes:
+    """The DEK in a `tenant_keys` row (read by the caller, e.g. joined into its own query)."""
     cached = _cache.get(tenant_id, wrapped)
     if cached is not None:
         return cached
-    dek = keyring.get(row.kek_id).unwrap(wrapped, aad=dek_aad(tenant_id))
+    dek = keyring.get(kek_id).unwrap(wrapped, aad=dek_aad(tenant_id))
     _cache.put(tenant_id, wrapped, dek)
     return dek
 

@@ -33,9 +33,10 @@ SearchSvc = Annotated[service.SearchServices, Depends(search_services)]
     ),
 )
 async def search(
-    body: SearchRequest, principal: Viewer, session: SessionDep, svc: SearchSvc
+    body: SearchRequest, session: SessionDep, principal: Viewer, svc: SearchSvc
 ) -> SearchResponse:
     """Search the caller's tenant: `vector`, `fulltext` or `hybrid` (reciprocal-rank fusion), with filters."""
+    # The session is listed first: it authenticates inside the request's transaction (auth.deps).
     assert principal.tenant_id is not None  # require("viewer") admits tenant keys only
     response = await service.search(svc, session, principal.tenant_id, body)
     audit.record(

@@ -42,17 +42,15 @@ from appliance import metrics
 from appliance.errors import AppError
 from appliance.keys.envelope import BlobContext, open_bytes
 from appliance.keys.keyring import Keyring
-from appliance.keys.service import tenant_dek
+from appliance.keys.service import TenantKeyDestroyed, unwrap_dek
+from appliance.search.highlight import highlight, query_stems
 from appliance.search.schemas import SearchFilters, SearchRequest, SearchResponse, SearchResult
 from appliance.settings import Settings
 
 GEN_KEY = "appliance:search:gen:{tenant}"
-RESULT_KEY = "appliance:search:res:{tenant}:{gen}:{digest}"
+RESULT_KEY = "appliance:search:res:{tenant}:{digest}"  # value: {"gen": generation, "ranked": [...]}
 QEMB_KEY = "appliance:search:qemb:{tenant}:{model}:{digest}"
 QEMB_TTL_S = 24 * 3600
-HEADLINE_OPTIONS = (
-    'StartSel=<mark>, StopSel=</mark>, MaxWords=45, MinWords=20, MaxFragments=2, FragmentDelimiter=" … "'
-)
 
 
 class QueryTooLong(AppError):
@@ -80,6 +78,7 @@ class Ranked:
     score: float
     vector_rank: int | None = None
     fulltext_rank: int | None = None
+    row: Any = None  # the chunk's row (`ROW_COLUMNS`) when the ranking query fetched it
 
 
 # Query embedding ---------------------------------------------------------------------------------
@@ -91,15 +90,27 @@ def _embedder(settings: Settings, name: str | None = None) -> Any:
     return get_embedder(settings, name)
 
 
+_NOT_FETCHED: Any = object()
+
+
 async def embed_query(
-    svc: SearchServices, tenant_id: uuid.UUID, query: str, model: str | None = None
+    svc: SearchServices,
+    tenant_id: uuid.UUID,
+    query: str,
+    model: str | None = None,
+    *,
+    cached: bytes | None = _NOT_FETCHED,
 ) -> list[float]:
-    """The query's vector by `model` (default: the settings' one), from the per-tenant cache if seen."""
-    embedder = await anyio.to_thread.run_sync(_embedder, svc.settings, model)
-    digest = hashlib.sha256(query.encode()).hexdigest()
-    key = QEMB_KEY.format(tenant=tenant_id, model=embedder.name, digest=digest)
+    """The query's vector by `model` (default: the settings' one), from the per-tenant cache if seen.
+    `cached`: the cache entry when the caller already read it (see `rank`)."""
+    from appliance.inference.embedding import loaded_embedder
+
+    embedder: Any = loaded_embedder(svc.settings, model) if model else None
+    if embedder is None:  # not loaded yet: loading reads and checks the model file, off the event loop
+        embedder = await anyio.to_thread.run_sync(_embedder, svc.settings, model)
     if svc.redis is not None:
-        cached = await _redis_get(svc, key)
+        if cached is _NOT_FETCHED:
+            cached = await _redis_get(svc, qemb_key(tenant_id, embedder.name, query))
         if cached is not None and len(cached) == 4 * embedder.dimensions:
             metrics.SEARCH_CACHE.labels("embedding", "hit").inc()
             return array("f", cached).tolist()
@@ -114,8 +125,13 @@ async def embed_query(
         raise AppError("The query has no searchable text.", code="query_empty", status=422)
     vector: list[float] = (await anyio.to_thread.run_sync(embedder.embed, [query]))[0]
     if svc.redis is not None:
+        key = qemb_key(tenant_id, embedder.name, query)
         await _redis_set(svc, key, array("f", vector).tobytes(), QEMB_TTL_S)
     return vector
+
+
+def qemb_key(tenant_id: uuid.UUID, model: str, query: str) -> str:
+    return QEMB_KEY.format(tenant=tenant_id, model=model, digest=hashlib.sha256(query.encode()).hexdigest())
 
 
 async def vector_candidates(
@@ -127,21 +143,35 @@ async def vector_candidates(
     limit: int,
     *,
     models: list[str] | None = None,
+    cached_vector: bytes | None = _NOT_FETCHED,
+    with_rows: bool = False,
 ) -> tuple[list[Ranked], float | None]:
     """The vector list and the best cosine similarity in it.
 
     Normally one model. While a re-index runs (appliance.ingest.reindex) chunks carry one of two
     models: the query is embedded by each, each model's chunks are searched with their own vector, and
-    the two lists are fused by reciprocal rank (cosines of two models are not comparable)."""
+    the two lists are fused by reciprocal rank (cosines of two models are not comparable).
+    `cached_vector`: the query-embedding cache entry of the (single) model, when already read.
+    `with_rows`: fetch each hit's row in the same statement (see `materialize`)."""
     from appliance.ingest.reindex import search_models
 
     s = svc.settings
     lists = []
     best: float | None = None
-    for model in models or await search_models(session, s):
-        vector = await embed_query(svc, tenant_id, query, model)
+    models = models or await search_models(session, s)
+    for model in models:
+        if len(models) == 1:
+            vector = await embed_query(svc, tenant_id, query, model, cached=cached_vector)
+        else:
+            vector = await embed_query(svc, tenant_id, query, model)
         ranked = await vector_ranked(
-            session, vector, model, filters, limit, ef_search=s.search_hnsw_ef_search
+            session,
+            vector,
+            model,
+            filters,
+            limit,
+            ef_search=s.search_hnsw_ef_search,
+            with_rows=with_rows and len(models) == 1,
         )
         if ranked:
             best = ranked[0].score if best is None else max(best, ranked[0].score)
@@ -164,19 +194,17 @@ async def _redis_get(svc: SearchServices, key: str) -> bytes | None:
         return None
 
 
+async def _redis_mget(svc: SearchServices, keys: list[str]) -> list[bytes | None] | None:
+    try:
+        values: list[bytes | None] = await svc.redis.mget(keys)
+        return values
+    except Exception:  # noqa: BLE001 - as _redis_get
+        return None
+
+
 async def _redis_set(svc: SearchServices, key: str, value: bytes | str, ttl: int) -> None:
     with contextlib.suppress(Exception):  # a cache write that fails is a cache miss next time
         await svc.redis.set(key, value, ex=ttl)
-
-
-async def generation(svc: SearchServices, tenant_id: uuid.UUID) -> str | None:
-    if svc.redis is None:
-        return None
-    try:
-        value = await svc.redis.get(GEN_KEY.format(tenant=tenant_id))
-    except Exception:  # noqa: BLE001
-        return None  # no generation, no cache: never serve a result we cannot prove fresh
-    return (value or b"0").decode()
 
 
 def invalidate(redis_client: Any, tenant_id: uuid.UUID) -> None:
@@ -233,7 +261,10 @@ async def vector_ranked(
     limit: int,
     *,
     ef_search: int,
+    with_rows: bool = False,
 ) -> list[Ranked]:
+    """The k-NN list. `with_rows`: also each hit's row (`ROW_COLUMNS`, what `materialize` needs) from
+    the same statement, one round trip instead of two; hits whose version was deleted are left out."""
     params: dict[str, Any] = {"q": vector_literal(vector), "model": model, "n": limit}
     where = _filter_sql(filters, params)
     ef = str(max(ef_search, limit))
@@ -247,9 +278,7 @@ async def vector_ranked(
             ),
             {"ef": ef},
         )
-    rows = await session.execute(
-        text(
-            f"""
+    knn = f"""
             WITH hits AS MATERIALIZED (
                 SELECT c.id, c.embedding <=> CAST(:q AS vector) AS distance
                 FROM chunks c JOIN documents d ON d.id = c.document_id
@@ -257,12 +286,23 @@ async def vector_ranked(
                 ORDER BY c.embedding <=> CAST(:q AS vector)
                 LIMIT :n
             )
-            SELECT id, distance FROM hits ORDER BY distance, id
             """
-        ),
-        params,
-    )
-    return [Ranked(int(r.id), 1.0 - float(r.distance), vector_rank=i) for i, r in enumerate(rows, 1)]
+    if with_rows:
+        sql = (
+            knn
+            + f"""
+            SELECT h.distance, {ROW_COLUMNS}
+            FROM hits h {ROW_JOINS.replace("c.id = ANY(:ids)", "c.id = h.id")}
+            ORDER BY h.distance, h.id
+            """
+        )
+    else:
+        sql = knn + "SELECT id, distance FROM hits ORDER BY distance, id"
+    rows = await session.execute(text(sql), params)
+    return [
+        Ranked(int(r.id), 1.0 - float(r.distance), vector_rank=i, row=r if with_rows else None)
+        for i, r in enumerate(rows, 1)
+    ]
 
 
 OR_QUERY = "to_tsquery('simple', replace(plainto_tsquery('english', :query)::text, ' & ', ' | '))"
@@ -321,39 +361,21 @@ def fuse(
     return sorted(fused.values(), key=lambda r: (-r.score, r.chunk_id))
 
 
+ROW_COLUMNS = """c.id, c.document_id, c.version_id, v.version, c.ordinal, d.title, c.page_start,
+               c.page_end, c.char_start, c.char_end, c.text_enc, c.tenant_id, k.wrapped_dek, k.kek_id"""
+ROW_JOINS = """JOIN chunks c ON c.id = ANY(:ids)
+            JOIN documents d ON d.id = c.document_id AND d.status = 'active'
+            JOIN document_versions v ON v.id = c.version_id AND v.deleted_at IS NULL
+            LEFT JOIN tenant_keys k ON k.tenant_id = c.tenant_id"""
+
+
 async def _rows(session: AsyncSession, ids: list[int]) -> dict[int, Any]:
     if not ids:
         return {}
     rows = await session.execute(
-        text(
-            """
-            SELECT c.id, c.document_id, c.version_id, v.version, c.ordinal, d.title, c.page_start,
-                   c.page_end, c.char_start, c.char_end, c.text_enc, c.tenant_id
-            FROM chunks c
-            JOIN documents d ON d.id = c.document_id
-            JOIN document_versions v ON v.id = c.version_id
-            WHERE c.id = ANY(:ids) AND d.status = 'active' AND v.deleted_at IS NULL
-            """
-        ),
-        {"ids": ids},
+        text(f"SELECT {ROW_COLUMNS} FROM (SELECT 1) AS one {ROW_JOINS}"), {"ids": ids}
     )
     return {int(r.id): r for r in rows}
-
-
-async def _headlines(session: AsyncSession, texts: list[str], query: str) -> list[str]:
-    if not texts:
-        return []
-    rows = await session.execute(
-        text(
-            f"""
-            SELECT ts_headline('english', u.t, {OR_QUERY}, :opts) AS h
-            FROM unnest(CAST(:texts AS text[])) WITH ORDINALITY AS u(t, i)
-            ORDER BY u.i
-            """
-        ),
-        {"texts": [html.escape(t, quote=False) for t in texts], "query": query, "opts": HEADLINE_OPTIONS},
-    )
-    return [r.h for r in rows]
 
 
 # The search --------------------------------------------------------------------------------------
@@ -371,7 +393,8 @@ def _cache_digest(req: SearchRequest, model: str, settings: Settings) -> str:
 async def rank(
     svc: SearchServices, session: AsyncSession, tenant_id: uuid.UUID, req: SearchRequest
 ) -> tuple[list[Ranked], str, bool]:
-    """The ranked chunk ids for a request (top_k of them), the embedding model, and whether cached."""
+    """The ranked chunk ids for a request (top_k of them), the embedding model, and whether cached.
+    A vector search that runs (not cached) fetches its rows too (`Ranked.row`)."""
     s = svc.settings
     if req.rerank:
         raise RerankUnavailable(
@@ -381,21 +404,41 @@ async def rank(
 
     models = await search_models(session, s)
     model = "+".join(models)
-    gen = await generation(svc, tenant_id)
     key = None
-    if gen is not None:
-        key = RESULT_KEY.format(tenant=tenant_id, gen=gen, digest=_cache_digest(req, model, s))
-        cached = await _redis_get(svc, key)
-        if cached is not None:
-            metrics.SEARCH_CACHE.labels("results", "hit").inc()
-            return [Ranked(*item) for item in json.loads(cached)], model, True
-        metrics.SEARCH_CACHE.labels("results", "miss").inc()
+    gen = "0"
+    cached_vector = _NOT_FETCHED
+    if svc.redis is not None:
+        # One round trip: the tenant's generation, this request's cached result, the query's vector.
+        key = RESULT_KEY.format(tenant=tenant_id, digest=_cache_digest(req, model, s))
+        wanted = [GEN_KEY.format(tenant=tenant_id), key]
+        if req.mode != "fulltext" and len(models) == 1:
+            wanted.append(qemb_key(tenant_id, models[0], req.query))
+        values = await _redis_mget(svc, wanted)
+        if values is None:
+            key = None  # no generation, no cache: never serve a result we cannot prove fresh
+        else:
+            gen = (values[0] or b"0").decode()
+            if len(values) > 2:
+                cached_vector = values[2]
+            entry = json.loads(values[1]) if values[1] is not None else None
+            if entry is not None and entry.get("gen") == gen:
+                metrics.SEARCH_CACHE.labels("results", "hit").inc()
+                return [Ranked(*item) for item in entry["ranked"]], model, True
+            metrics.SEARCH_CACHE.labels("results", "miss").inc()
     candidates = max(req.top_k, s.search_candidates if req.mode == "hybrid" else req.top_k)
     vec: list[Ranked] = []
     fts: list[Ranked] = []
     if req.mode in ("vector", "hybrid"):
         vec, _best = await vector_candidates(
-            svc, session, tenant_id, req.query, req.filters, candidates, models=models
+            svc,
+            session,
+            tenant_id,
+            req.query,
+            req.filters,
+            candidates,
+            models=models,
+            cached_vector=cached_vector,
+            with_rows=req.mode == "vector",
         )
     if req.mode in ("fulltext", "hybrid"):
         fts = await fulltext_ranked(session, req.query, req.filters, candidates, s)
@@ -414,7 +457,9 @@ async def rank(
         )
     ranked = ranked[: req.top_k]
     if key is not None:
-        payload = json.dumps([[r.chunk_id, r.score, r.vector_rank, r.fulltext_rank] for r in ranked])
+        payload = json.dumps(
+            {"gen": gen, "ranked": [[r.chunk_id, r.score, r.vector_rank, r.fulltext_rank] for r in ranked]}
+        )
         await _redis_set(svc, key, payload, s.search_cache_ttl_s)
     return ranked, model, False
 
@@ -428,21 +473,30 @@ async def materialize(
     *,
     snippets: bool = True,
 ) -> list[SearchResult]:
-    """Fetch, decrypt and shape the ranked chunks (dropping any no longer visible)."""
-    rows = await _rows(session, [r.chunk_id for r in ranked])
+    """Fetch (unless the ranking already did), decrypt and shape the ranked chunks, dropping any no
+    longer visible."""
+    if ranked and all(r.row is not None for r in ranked):
+        rows = {r.chunk_id: r.row for r in ranked}
+    else:
+        rows = await _rows(session, [r.chunk_id for r in ranked])
     if not rows:
         return []
-    dek = await tenant_dek(session, svc.keyring, tenant_id, create=False)
     kept = [(r, rows[r.chunk_id]) for r in ranked if r.chunk_id in rows]
+    first = kept[0][1]
+    if first.wrapped_dek is None:
+        raise TenantKeyDestroyed(f"tenant {tenant_id} has no data key")
+    dek = unwrap_dek(svc.keyring, tenant_id, bytes(first.wrapped_dek), first.kek_id)
     texts = [
         open_bytes(
             dek, BlobContext(row.tenant_id, "chunk", row.document_id, row.version_id), bytes(row.text_enc)
         ).decode()
         for _, row in kept
     ]
-    heads = (
-        await _headlines(session, texts, query) if snippets else [html.escape(t, quote=False) for t in texts]
-    )
+    if snippets:
+        stems = query_stems(query)
+        heads = [highlight(t, query, stems=stems) for t in texts]
+    else:
+        heads = [html.escape(t, quote=False) for t in texts]
     return [
         SearchResult(
             document_id=row.document_id,

@@ -1,0 +1,107 @@
+"""Search snippets: the query's words marked in a chunk's text, in up to two fragments.
+
+Chunk text is sealed at rest, so Postgres cannot run `ts_headline` on it without a second round trip
+carrying the decrypted text back (it cost 2.4 ms of a search here, more than the k-NN query itself).
+This does the same job in the API process: words are compared by their Snowball English stem (the
+`english` text-search configuration's stemmer, from the `snowballstemmer` package) and Postgres's
+English stop words are never marked, so what is highlighted is what the full-text index matches.
+Fragments follow ts_headline's options as the service used them (MaxWords 45, MinWords 20,
+MaxFragments 2, " … " between fragments); the output is HTML-escaped apart from the <mark> tags.
+No library does this for Python (whoosh's highlighter needs its own index); it is small.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from functools import lru_cache
+
+import snowballstemmer
+
+MAX_WORDS = 45
+MIN_WORDS = 20
+MAX_FRAGMENTS = 2
+DELIMITER = " … "
+START, STOP = "<mark>", "</mark>"
+
+# Postgres's tsearch_data/english.stop (the Snowball English list): never marked, as to_tsvector drops them.
+_ENGLISH_STOP = """i me my myself we our ours ourselves you your yours yourself yourselves he him his himself
+    she her
+    hers herself it its itself they them their theirs themselves what which who whom this that these
+    those am is are was were be been being have has had having do does did doing a an the and but if or
+    because as until while of at by for with about against between into through during before after
+    above below to from up down in out on off over under again further then once here there when where
+    why how all any both each few more most other some such no nor not only own same so than too very s
+    t can will just don should now"""
+STOP_WORDS = frozenset(_ENGLISH_STOP.split())
+_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")  # a word, with inner apostrophes (don't, o'clock)
+_stemmer = snowballstemmer.stemmer("english")
+
+
+@lru_cache(maxsize=65536)
+def stem(word: str) -> str:
+    """The lower-cased word's Snowball English stem (what `to_tsvector('english', …)` indexes)."""
+    return str(_stemmer.stemWord(word.lower()))
+
+
+def query_stems(query: str) -> frozenset[str]:
+    return frozenset(stem(w) for w in _WORD.findall(query) if w.lower() not in STOP_WORDS)
+
+
+def _candidates(stems: frozenset[str]) -> re.Pattern[str] | None:
+    """Words that could share one of `stems`: those starting with a stem's first two letters (Porter2
+    trims endings and turns a final y into i, never touching the start), so most words of a chunk are
+    never stemmed."""
+    prefixes = sorted({re.escape(s[:2]) for s in stems if s})
+    if not prefixes:
+        return None
+    return re.compile(rf"(?<![^\W_])(?:{'|'.join(prefixes)})[^\W_]*(?:['’][^\W_]+)*", re.IGNORECASE)
+
+
+# Fragment geometry in characters (about MinWords / MaxWords words of English prose).
+_FRAGMENT_CHARS = 6 * MAX_WORDS
+_LEAD_CHARS = 60
+_FIRST_WORDS = re.compile(rf"\s*(?:\S+\s+){{0,{MIN_WORDS - 1}}}\S+")
+
+
+def highlight(text: str, query: str, *, stems: frozenset[str] | None = None) -> str:
+    """`text` (plain) as an HTML-safe snippet with the query's words in <mark>…</mark>."""
+    stems = query_stems(query) if stems is None else stems
+    pattern = _candidates(stems)
+    hits = []
+    if pattern is not None:
+        for m in pattern.finditer(text):
+            word = m.group()
+            if word.lower() not in STOP_WORDS and stem(word) in stems:
+                hits.append((m.start(), m.end()))
+    if not hits:
+        first = _FIRST_WORDS.match(text)
+        return html.escape(first.group().strip() if first else text.strip(), quote=False)
+    # Hits close enough to share a fragment form a cluster; the clusters with most hits are shown.
+    clusters: list[list[tuple[int, int]]] = [[hits[0]]]
+    for hit in hits[1:]:
+        if hit[1] - clusters[-1][0][0] <= _FRAGMENT_CHARS - _LEAD_CHARS:
+            clusters[-1].append(hit)
+        else:
+            clusters.append([hit])
+    best = sorted(sorted(clusters, key=len, reverse=True)[:MAX_FRAGMENTS], key=lambda c: c[0][0])
+    return DELIMITER.join(_render(text, cluster) for cluster in best)
+
+
+def _render(text: str, cluster: list[tuple[int, int]]) -> str:
+    start = max(0, cluster[0][0] - _LEAD_CHARS)
+    if start > 0:  # begin at a word: after the first space past `start`
+        space = text.find(" ", start, cluster[0][0])
+        start = space + 1 if space >= 0 else cluster[0][0]
+    end = min(len(text), max(cluster[-1][1], start + _FRAGMENT_CHARS))
+    if end < len(text):  # end at a word: before the last space ahead of `end`
+        space = text.rfind(" ", cluster[-1][1], end)
+        end = space if space >= 0 else cluster[-1][1]
+    out = []
+    pos = start
+    for a, b in cluster:
+        out.append(html.escape(text[pos:a], quote=False))
+        out.append(f"{START}{html.escape(text[a:b], quote=False)}{STOP}")
+        pos = b
+    out.append(html.escape(text[pos:end], quote=False))
+    return "".join(out).strip()
