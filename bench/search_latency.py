@@ -57,16 +57,18 @@ APPLIANCE_SEARCH_HNSW_EF_SEARCH=<value>, which `vector_ranked` reads), after an 
 (other queries, every path, every API worker, the embedder), at each --concurrency (that many
 clients, each with its own connection, every query once):
 
-    pg direct                    the k-NN statement `vector_ranked` sends (captured from it, so the
-                                 same SQL), as the owner over psycopg, ef_search and iterative scans
-                                 set once per connection: the database's own cost, the baseline
-    service in-process           one app-role transaction with RLS: `vector_ranked` + `materialize`
-                                 (row fetch, data key, decryption, ts_headline snippets)
+    pg direct                    the k-NN statement `vector_ranked` sends (built by the service's own
+                                 `knn_statement`, so the same SQL), as the owner over psycopg,
+                                 ef_search and iterative scans set once per connection: the
+                                 database's own cost, the baseline
+    service in-process           one app-role transaction with RLS: `vector_ranked` fetching the rows
+                                 and data key with the k-NN, then `materialize` (decryption, snippets)
     route in-process, no audit   `service.search` (model state, Redis generation/result/embedding
                                  caches) in the request's transaction
     route in-process             the same plus the route's audit record (written at commit)
     HTTP vector                  POST /api/v1/search {"mode": "vector", "top_k": 10}: all the above
-                                 plus HTTP, JSON and the authentication transaction
+                                 plus HTTP, JSON, the rate limit and authentication (one statement in
+                                 the request's transaction)
     HTTP hybrid / fulltext       the other modes, same queries (--fulltext-queries: only the first N)
     HTTP ..., real text          short English questions never seen before: the API embeds them with
                                  MiniLM (the embedding's cost; recall does not apply)
@@ -787,29 +789,12 @@ class Context:
         self.redis.incr(GEN_KEY.format(tenant=self.tenant))
 
 
-async def capture_knn_sql(settings: Settings, tenant: uuid.UUID, model: str, vector: np.ndarray) -> str:
-    """Run the service's vector_ranked once and keep the SQL it sends (so the direct query is the
-    same statement, not a copy that could drift)."""
-    from sqlalchemy import event
+def knn_statement(model: str, vector: np.ndarray) -> str:
+    """The k-NN statement `vector_ranked` sends (`knn_statement` builds it for both), so the direct
+    query is the same statement, not a copy that could drift. Without the row fetch the search adds."""
+    from appliance.search.service import knn_statement as service_statement
 
-    from appliance.db.engine import Database
-    from appliance.search.service import vector_ranked
-
-    db = Database(settings.app_database_url, pool_size=1)
-    seen: list[tuple[str, Any]] = []
-
-    def grab(
-        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
-    ) -> None:
-        seen.append((statement, parameters))
-
-    event.listen(db.engine.sync_engine, "before_cursor_execute", grab)
-    try:
-        async with db.transaction(tenant_id=tenant) as session:
-            await vector_ranked(session, vector.tolist(), model, None, TOP_K, ef_search=40)
-    finally:
-        await db.dispose()
-    stmt, params = next((s, p) for s, p in seen if "hits AS MATERIALIZED" in s)
+    stmt, params = service_statement(vector.tolist(), model, None, TOP_K)
     if set(params) != {"q", "model", "n"}:
         raise SystemExit(f"vector_ranked's parameters changed: {sorted(params)}; update this bench")
     return stmt
@@ -942,7 +927,7 @@ async def pass_service(ctx: Context, queries: Queries, ef: int, conc: int) -> Pa
     async def call(_: None, i: int) -> tuple[list[int], bool]:
         async with db.transaction(tenant_id=ctx.tenant) as session:
             ranked = await vector_ranked(
-                session, queries.vectors[i].tolist(), ctx.model, None, TOP_K, ef_search=ef
+                session, queries.vectors[i].tolist(), ctx.model, None, TOP_K, ef_search=ef, with_rows=True
             )
             results = await materialize(svc, session, ctx.tenant, ranked, queries.texts[i])
         return [r.chunk_id for r in results], False
@@ -1142,7 +1127,7 @@ def run(app: Appliance, args: argparse.Namespace, sizes: list[int]) -> None:
             f"{args.words_min}-{args.words_max} words and {args.chunks_per_doc} chunks per document; "
             f"{args.queries} queries, {args.warmup} warm-up queries ({time.perf_counter() - t0:.1f} s)"
         )
-        knn_sql = asyncio.run(capture_knn_sql(settings, tenant, model, queries.vectors[0]))
+        knn_sql = knn_statement(model, queries.vectors[0])
         ctx = Context(app, settings, tenant, key, model, knn_sql, redis.Redis.from_url(settings.redis_url))
         defs: dict[str, str] = {}
         loaded_docs = int(state["docs"])

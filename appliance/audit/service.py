@@ -24,7 +24,7 @@ from appliance.audit import signing
 from appliance.audit.chain import CHAINED_FIELDS, VerifyResult, link_hash, verify_chain
 from appliance.audit.models import AuditChainHead, AuditCheckpoint, AuditEvent
 from appliance.context import Actor, actor_var, client_addr_var, request_id_var
-from appliance.db.engine import TENANT_GUC, Database
+from appliance.db.engine import TENANT_GUC, Database, driver_rows, driver_sql
 from appliance.errors import AppError
 from appliance.settings import Settings
 
@@ -147,17 +147,15 @@ async def _append_if_head(
             params[f"{column}_{i}"] = json.dumps(row[column]) if column == "details" else row[column]
             values.append(f"CAST(:{column}_{i} AS {cast})")
         selects.append(f"SELECT {', '.join(values)} FROM head")
-    result = await session.execute(
-        text(
-            "WITH head AS (UPDATE audit_chain_head SET seq = :new_seq, hash = :new_hash"
-            " WHERE id = 1 AND seq = :old_seq AND hash = :old_hash RETURNING 1),"
-            f" ins AS (INSERT INTO audit_events ({', '.join(_EVENT_CASTS)}) {' UNION ALL '.join(selects)}"
-            " RETURNING 1)"
-            " SELECT count(*) FROM ins"
-        ),
-        params,
+    sql = (
+        "WITH head AS (UPDATE audit_chain_head SET seq = :new_seq, hash = :new_hash"
+        " WHERE id = 1 AND seq = :old_seq AND hash = :old_hash RETURNING 1),"
+        f" ins AS (INSERT INTO audit_events ({', '.join(_EVENT_CASTS)}) {' UNION ALL '.join(selects)}"
+        " RETURNING 1)"
+        " SELECT count(*) AS n FROM ins"
     )
-    return int(result.scalar_one()) == len(rows)
+    (inserted,) = await driver_rows(session, driver_sql(sql), params)
+    return int(inserted.n) == len(rows)
 
 
 async def flush_pending(session: AsyncSession) -> None:

@@ -15,7 +15,7 @@ from appliance.auth import keys
 from appliance.auth.models import ApiKey
 from appliance.auth.principal import Principal
 from appliance.context import Actor
-from appliance.db.engine import TENANT_GUC, Database, set_tenant
+from appliance.db.engine import TENANT_GUC, Database, driver_rows, driver_sql, set_tenant
 from appliance.errors import AppError, NotFound, Unauthorized
 
 
@@ -37,6 +37,14 @@ class AuthFailure(Unauthorized):
         self.tenant_id = tenant_id
 
 
+_AUTH_SQL = driver_sql(
+    "SELECT l.*, set_config(:guc, CASE WHEN l.secret_hash = :h AND l.revoked_at IS NULL"
+    " AND (l.expires_at IS NULL OR l.expires_at > now())"
+    " AND (l.tenant_id IS NULL OR l.tenant_status = 'active')"
+    " THEN coalesce(l.tenant_id::text, '') ELSE '' END, true) AS scoped,"
+    " e.active_model AS embedding_active, e.target_model AS embedding_target"
+    " FROM app_auth_lookup(:p) AS l LEFT JOIN embedding_state AS e ON e.id = 1"
+)
 TOUCH_INTERVAL_S = 60.0
 _touched: dict[uuid.UUID, float] = {}  # key id -> when this process last ran app_auth_touch for it
 
@@ -54,24 +62,11 @@ async def authenticate(session: AsyncSession, authorization: str | None) -> Prin
     prefix = keys.parse_prefix(token)
     if prefix is None:
         raise AuthFailure("malformed")
-    # One round trip: the key, and the transaction scoped to its tenant only if the key passes every
-    # check below (which repeats them, to say which failed; a failure rolls the transaction back).
-    row = (
-        (
-            await session.execute(
-                text(
-                    "SELECT l.*, set_config(:guc, CASE WHEN l.secret_hash = :h AND l.revoked_at IS NULL"
-                    " AND (l.expires_at IS NULL OR l.expires_at > now())"
-                    " AND (l.tenant_id IS NULL OR l.tenant_status = 'active')"
-                    " THEN coalesce(l.tenant_id::text, '') ELSE '' END, true) AS scoped"
-                    " FROM app_auth_lookup(:p) AS l"
-                ),
-                {"p": prefix, "h": keys.hash_key(token), "guc": TENANT_GUC},
-            )
-        )
-        .mappings()
-        .first()
-    )
+    # One round trip: the key; the transaction scoped to its tenant only if the key passes every check
+    # below (which repeats them, to say which failed; a failure rolls the transaction back); and the
+    # embedding models' state, which most requests need next (appliance.ingest.reindex.state).
+    rows = await driver_rows(session, _AUTH_SQL, {"p": prefix, "h": keys.hash_key(token), "guc": TENANT_GUC})
+    row = rows[0]._asdict() if rows else None
     if row is None:
         raise AuthFailure("unknown_prefix")
     if not keys.matches(token, row["secret_hash"]):
@@ -117,6 +112,7 @@ async def authenticate(session: AsyncSession, authorization: str | None) -> Prin
     )
     if principal.tenant_id is not None:
         session.info["tenant_id"] = principal.tenant_id  # what set_tenant records; the GUC is set above
+    session.info["embedding_state"] = (row["embedding_active"], row["embedding_target"])
     return principal
 
 

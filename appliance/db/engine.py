@@ -9,16 +9,22 @@ transaction are written just before the commit, in the same transaction (see app
 
 from __future__ import annotations
 
+import re
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event, text
+import psycopg
+from psycopg.rows import namedtuple_row
+from sqlalchemy import event, exc, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 
 TENANT_GUC = "app.tenant_id"
+PING_IDLE_S = 2.0
+"""A pooled connection idle longer than this is pinged before use (see `Database`)."""
 
 
 class Database:
@@ -41,11 +47,30 @@ class Database:
             url,
             pool_size=pool_size,
             max_overflow=pool_size,
-            pool_pre_ping=True,
             pool_recycle=1800,
             echo=echo,
             connect_args=connect_args,
         )
+        # Pessimistic disconnect handling, but only for connections that sat idle: SQLAlchemy's
+        # pool_pre_ping costs a round trip on every checkout (0.3 ms of a 12 ms search here). A
+        # connection back from a request within PING_IDLE_S is used as is; if Postgres went away in
+        # that window the statement fails, SQLAlchemy invalidates the pool, and the API answers 503.
+        pool = self.engine.sync_engine.pool
+        dialect = self.engine.dialect
+
+        @event.listens_for(pool, "checkin")
+        def _checked_in(dbapi_connection: Any, record: Any) -> None:
+            record.info["idle_since"] = time.monotonic()
+
+        @event.listens_for(pool, "checkout")
+        def _ping_if_idle(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+            if time.monotonic() - record.info.get("idle_since", 0.0) < PING_IDLE_S:
+                return
+            try:
+                dialect.do_ping(dbapi_connection)
+            except Exception as error:  # noqa: BLE001 - any failure: the pool opens a new connection
+                raise exc.DisconnectionError(str(error)) from error
+
         self.server_settings = dict(server_settings or {})
         self.sessionmaker = async_sessionmaker(
             self.engine,
@@ -78,6 +103,35 @@ async def set_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> None:
         text("SELECT set_config(:guc, :tenant, true)"), {"guc": TENANT_GUC, "tenant": str(tenant_id)}
     )
     session.info["tenant_id"] = tenant_id
+
+
+_PARAM = re.compile(r"(?<![:\w]):(\w+)")
+
+
+def driver_sql(sql: str) -> str:
+    """SQLAlchemy's `:name` placeholders as psycopg's `%(name)s` (the statement must hold no `%`)."""
+    return _PARAM.sub(r"%(\1)s", sql)
+
+
+async def driver_rows(session: AsyncSession, sql: str, params: Mapping[str, Any]) -> list[Any]:
+    """Run `sql` (psycopg placeholders, see `driver_sql`) in the session's transaction on its psycopg
+    connection directly: named-tuple rows, without SQLAlchemy's statement and result layers (about
+    0.15 ms a statement here). For the few statements of the hot path (search); errors surface as
+    SQLAlchemy's, so the API's database-outage handling applies."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+    try:
+        async with driver.cursor(row_factory=namedtuple_row) as cursor:
+            await cursor.execute(sql, params)
+            return await cursor.fetchall() if cursor.description else []
+    except psycopg.Error as error:
+        is_disconnect = isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+        if is_disconnect:
+            await connection.invalidate(error)
+        raise exc.DBAPIError.instance(
+            sql, params, error, psycopg.Error, connection_invalidated=is_disconnect
+        ) from error
 
 
 def after_commit(session: AsyncSession, callback: Callable[[], None]) -> None:

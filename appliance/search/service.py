@@ -39,6 +39,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from appliance import metrics
+from appliance.db.engine import driver_rows, driver_sql
 from appliance.errors import AppError
 from appliance.keys.envelope import BlobContext, open_bytes
 from appliance.keys.keyring import Keyring
@@ -253,31 +254,20 @@ def vector_literal(vector: Sequence[float]) -> str:
     return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
 
 
-async def vector_ranked(
-    session: AsyncSession,
+def knn_statement(
     vector: Sequence[float],
     model: str,
     filters: SearchFilters | None,
     limit: int,
     *,
-    ef_search: int,
     with_rows: bool = False,
-) -> list[Ranked]:
-    """The k-NN list. `with_rows`: also each hit's row (`ROW_COLUMNS`, what `materialize` needs) from
-    the same statement, one round trip instead of two; hits whose version was deleted are left out."""
+) -> tuple[str, dict[str, Any]]:
+    """The k-NN statement `vector_ranked` sends (psycopg placeholders) and its parameters. The CTE is
+    the index scan (filters inside it: iterative scans keep walking the graph when they are selective);
+    `with_rows` adds each hit's row (`ROW_COLUMNS`, what `materialize` needs), hits whose version was
+    deleted left out."""
     params: dict[str, Any] = {"q": vector_literal(vector), "model": model, "n": limit}
     where = _filter_sql(filters, params)
-    ef = str(max(ef_search, limit))
-    defaults = session.info.get("server_settings") or {}
-    if defaults.get("hnsw.ef_search") != ef or defaults.get("hnsw.iterative_scan") != "relaxed_order":
-        # Not the connection's defaults (another Database, or more candidates than ef_search).
-        await session.execute(
-            text(
-                "SELECT set_config('hnsw.ef_search', :ef, true),"
-                " set_config('hnsw.iterative_scan', 'relaxed_order', true)"
-            ),
-            {"ef": ef},
-        )
     knn = f"""
             WITH hits AS MATERIALIZED (
                 SELECT c.id, c.embedding <=> CAST(:q AS vector) AS distance
@@ -298,7 +288,33 @@ async def vector_ranked(
         )
     else:
         sql = knn + "SELECT id, distance FROM hits ORDER BY distance, id"
-    rows = await session.execute(text(sql), params)
+    return driver_sql(sql), params
+
+
+async def vector_ranked(
+    session: AsyncSession,
+    vector: Sequence[float],
+    model: str,
+    filters: SearchFilters | None,
+    limit: int,
+    *,
+    ef_search: int,
+    with_rows: bool = False,
+) -> list[Ranked]:
+    """The k-NN list (`knn_statement`); with `with_rows`, each hit carries its row (`Ranked.row`)."""
+    ef = str(max(ef_search, limit))
+    defaults = session.info.get("server_settings") or {}
+    if defaults.get("hnsw.ef_search") != ef or defaults.get("hnsw.iterative_scan") != "relaxed_order":
+        # Not the connection's defaults (another Database, or more candidates than ef_search).
+        await session.execute(
+            text(
+                "SELECT set_config('hnsw.ef_search', :ef, true),"
+                " set_config('hnsw.iterative_scan', 'relaxed_order', true)"
+            ),
+            {"ef": ef},
+        )
+    sql, params = knn_statement(vector, model, filters, limit, with_rows=with_rows)
+    rows = await driver_rows(session, sql, params)
     return [
         Ranked(int(r.id), 1.0 - float(r.distance), vector_rank=i, row=r if with_rows else None)
         for i, r in enumerate(rows, 1)
