@@ -433,6 +433,34 @@ def raw_throughput(
     return tokens / statistics.median(times), threads
 
 
+CPU_GROUPS = (
+    ("api", ("gunicorn",)),
+    ("workers+extraction", ("dramatiq",)),
+    ("postgres", ("postgres",)),
+    ("redis", ("redis-server",)),
+    ("object store", ("radosgw", "ceph-", "minio")),
+    ("llm server", ("llm_server",)),
+    ("supervisor", ("appliance.cli.server",)),
+)
+
+
+def cpu_by_group() -> dict[str, float]:
+    """CPU seconds (user + system) of the appliance's processes by group, reaped children included
+    (the extraction sandboxes count in their worker's): read from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        group = next((g for g, marks in CPU_GROUPS if any(m in cmd for m in marks)), None)
+        if group is not None:
+            out[group] = out.get(group, 0.0) + sum(int(f) for f in fields[11:15]) / tick
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=1000)
@@ -502,6 +530,7 @@ def main() -> None:
             ).json()["key"]
 
         engine = create_engine(settings.owner_database_url)
+        cpu_before, self_before = cpu_by_group(), time.process_time()
         start = time.perf_counter()
         upload_errors = upload_all(url, key, paths, args.clients)
         upload_s = time.perf_counter() - start
@@ -529,6 +558,7 @@ def main() -> None:
                     sys.exit(f"timed out after {args.timeout:.0f} s: {counts}")
                 time.sleep(0.25)
             wall = time.perf_counter() - start
+            cpu_after, self_cpu = cpu_by_group(), time.process_time() - self_before
             chunks, tokens = conn.execute(
                 text("SELECT count(*), coalesce(sum(token_count), 0) FROM chunks")
             ).one()
@@ -558,6 +588,12 @@ def main() -> None:
         print(f"embedded tokens/s: {tokens / wall:.0f} ({tokens:,} tokens)")
         print("failures by code: " + (", ".join(f"{c} {n}" for c, n in failures) or "none"))
         print("by format:        " + ", ".join(f"{f}:{s} {n}" for f, s, n in by_fmt))
+        used = {g: cpu_after.get(g, 0.0) - cpu_before.get(g, 0.0) for g in cpu_after}
+        used["this bench (uploads, polling)"] = self_cpu
+        print(
+            f"CPU seconds:      {sum(used.values()):.0f} of {wall * (os.cpu_count() or 1):.0f} available: "
+            + ", ".join(f"{g} {s:.0f}" for g, s in sorted(used.items(), key=lambda kv: -kv[1]) if s >= 0.5)
+        )
 
         passages = sample_chunks(settings, tenant["id"], args.sample, args.seed)
         cli(env, "down")

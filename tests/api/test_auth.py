@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import psycopg
+import pytest
+from sqlalchemy import text
 
+from appliance.auth.keys import parse_prefix
+from appliance.auth.service import AuthFailure, authenticate
 from appliance.db.engine import Database
 from appliance.settings import Settings
 from tests.factories import bearer, make_key, make_tenant
@@ -191,3 +196,29 @@ def owner_conninfo(settings: Settings) -> str:
         user=settings.pg_owner_user,
         password=settings.pg_owner_password.get_secret_value(),
     )
+
+
+async def test_authentication_scopes_the_transaction_only_for_a_key_that_passes(app_db: Database) -> None:
+    """One statement looks the key up and sets the tenant: the scope must follow the checks."""
+    a = await make_tenant(app_db)
+    _, revoked = await make_key(app_db, a.id)
+    async with app_db.transaction(tenant_id=a.id) as session:
+        done = await session.execute(
+            text("UPDATE api_keys SET revoked_at = now() WHERE prefix = :p"), {"p": parse_prefix(revoked)}
+        )
+        assert done.rowcount == 1
+    wrong_secret = a.key[:-1] + ("x" if a.key[-1] != "x" else "y")
+
+    async def scope_after(token: str) -> str:
+        async with app_db.transaction() as session:
+            with contextlib.suppress(AuthFailure):
+                await authenticate(session, f"Bearer {token}")
+            scope = await session.execute(text("SELECT current_setting('app.tenant_id', true)"))
+            return str(scope.scalar() or "")
+
+    assert await scope_after(a.key) == str(a.id)
+    for token in (wrong_secret, revoked):
+        assert await scope_after(token) == ""
+    with pytest.raises(AuthFailure):
+        async with app_db.transaction() as session:
+            await authenticate(session, f"Bearer {revoked}")
