@@ -138,6 +138,17 @@ serves; HNSW settings as connection defaults; fewer round trips), `--chunks 1000
     HTTP vector                  22.8 / 25.9              24.8 / 33.8
     HTTP fulltext                99.7 / 176.6             883 / 1,666
 
+And after the search's round trips were cut (docs/retrieval.md lists the changes), same arguments
+plus `--home /var/tmp/sl1m` (/var/tmp/search_latency_run3.txt):
+
+                                 100k chunks              1M chunks
+    pg direct, ef 100            3.97 / 5.31              4.38 / 9.40  (recall@10 0.968 / 0.964)
+    service in-process           7.31 / 8.87              7.16 / 12.20
+    route, no audit / audited    7.83 / 9.06, 8.54 / 10.01  7.87 / 13.27, 8.76 / 13.68
+    HTTP vector (RawHTTP)        11.70 / 13.33            10.95 / 15.88   (p95 +8.0 / +6.5 ms)
+    HTTP vector (httpx)          12.15 / 14.26            12.02 / 17.30
+    HTTP fulltext                75.5 / 131.9             651 / 1,246
+
 Full text ranks at most the chunks holding the query's rarest words (2% of the tenant's chunks,
 500..20,000, the rarest word always); these synthetic queries are its hard case, since every word is
 mid-frequency (the loader prints how many chunks an OR of them matches, not how many are ranked).

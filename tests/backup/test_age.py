@@ -50,8 +50,9 @@ def test_we_decrypt_pyrages(identity: x25519.Identity, size: int) -> None:
 def test_keys_decode_to_the_same_x25519_pair(identity: x25519.Identity) -> None:
     private = identity_key(str(identity))
     assert private.public_key().public_bytes_raw() == recipient_bytes(str(identity.to_public()))
-    with pytest.raises(AgeError, match="checksum"):
-        recipient_bytes(str(identity.to_public())[:-1] + "q")
+    recipient = str(identity.to_public())
+    with pytest.raises(AgeError, match="checksum"):  # another last character (it was "q" 1 time in 32)
+        recipient_bytes(recipient[:-1] + ("q" if recipient[-1] != "q" else "p"))
     with pytest.raises(AgeError, match="prefix"):
         recipient_bytes(str(identity))
 
