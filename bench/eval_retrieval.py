@@ -461,6 +461,13 @@ def appliance_env(home: Path) -> tuple[dict[str, str], str, dict[str, str]]:
         APPLIANCE_REDIS_PORT=str(ports["redis_port"]),
         APPLIANCE_LLM_PORT=str(ports["llm_port"]),
         APPLIANCE_API_WORKERS="1",
+        # The rate limits stay in the path but must not trip: a corpus is uploaded, and its queries
+        # searched, faster than the defaults allow one key (300 uploads, 1,200 searches a minute).
+        **{
+            f"APPLIANCE_{scope}RATE_LIMIT_{cls}": "1000000/minute"
+            for scope in ("", "TENANT_")
+            for cls in ("UPLOAD", "SEARCH")
+        },
     )
     overrides = {
         k.removeprefix("APPLIANCE_").lower(): v for k, v in env.items() if k.startswith("APPLIANCE_")

@@ -488,6 +488,10 @@ def main() -> None:
         APPLIANCE_REDIS_PORT=str(ports["redis_port"]),
         APPLIANCE_LLM_PORT=str(ports["llm_port"]),
         APPLIANCE_API_WORKERS="1",
+        # The limits stay in the path but must not trip: the uploads come faster than the default
+        # 300 a minute per key (appliance.ratelimit).
+        APPLIANCE_RATE_LIMIT_UPLOAD="1000000/minute",
+        APPLIANCE_TENANT_RATE_LIMIT_UPLOAD="1000000/minute",
     )
     if args.worker_processes is not None:
         env["APPLIANCE_WORKER_PROCESSES"] = str(args.worker_processes)
