@@ -11,7 +11,8 @@ loopback ports (one API worker; `--worker-processes` / `--worker-threads` set
 APPLIANCE_WORKER_PROCESSES / APPLIANCE_WORKER_THREADS), uploads everything with `--clients`
 concurrent HTTP clients, and polls Postgres (as the owner) until every version is ready, failed or
 needs_ocr. Prints docs, chunks, wall time (first upload to last document done), docs/min, chunks/s,
-embedded tokens/s (sum of `chunks.token_count`) and failures by error code.
+embedded tokens/s (sum of `chunks.token_count`), failures by error code, and the CPU seconds each group of
+the appliance's processes used meanwhile (from /proc; extraction sandboxes count in their worker's).
 
 Then, with the appliance stopped, it decrypts a sample of the chunks it just stored and embeds them
 one passage per call (what the worker does) with the same model and the same llama.cpp thread count
