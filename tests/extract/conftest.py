@@ -16,13 +16,14 @@ import hashlib
 import io
 import struct
 import zipfile
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 import pytest
+
+from tests.support.hostile import Bomb, write_zip
 
 # ---------------------------------------- PDF
 
@@ -324,67 +325,26 @@ def make_odt(paragraphs: list[str]) -> bytes:
 # ---------------------------------------- zip bomb
 
 
-def _raw_deflate(data: bytes, *, final: bool) -> bytes:
-    """Raw deflate blocks for `data`, byte-aligned and independent of anything before (full flush), so
-    that segments can be concatenated; the final one closes the stream."""
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
-    return compressor.compress(data) + compressor.flush(zlib.Z_FINISH if final else zlib.Z_FULL_FLUSH)
-
-
 def write_bomb_docx(path: Path, *, inflated_mib: int, lie_about_size: bool = False) -> int:
     """A DOCX whose word/document.xml inflates to `inflated_mib` MiB of spaces inside valid XML, written
-    as a stream (never held in memory). With `lie_about_size` the zip headers declare 5,000 bytes.
-    Returns the true inflated size."""
-    prefix = f'{XML_HEAD}<w:document xmlns:w="{W_NS}"><w:body><w:p><w:r><w:t>'.encode()
-    suffix = b"</w:t></w:r></w:p></w:body></w:document>"
-    block = b" " * (1 << 20)
-    segment = _raw_deflate(block, final=False)
-    head, tail = _raw_deflate(prefix, final=False), _raw_deflate(suffix, final=True)
-    crc = zlib.crc32(prefix)
-    for _ in range(inflated_mib):
-        crc = zlib.crc32(block, crc)
-    crc = zlib.crc32(suffix, crc)
-    size = len(prefix) + inflated_mib * len(block) + len(suffix)
-    assert size < 1 << 32, "no zip64 in this writer"
-    small = [
-        ("[Content_Types].xml", content_types([("/word/document.xml", DOCX_MAIN)]).encode()),
-        ("_rels/.rels", relationships([("rId1", "officeDocument", "word/document.xml")]).encode()),
-    ]
-    central = bytearray()
-    offset = 0
-    with path.open("wb") as f:
-        entries: list[tuple[str, int, int, int, list[bytes], int]] = []
-        for name, data in small:
-            packed = _raw_deflate(data, final=True)
-            entries.append((name, zlib.crc32(data), len(packed), len(data), [packed], 1))
-        compressed = len(head) + inflated_mib * len(segment) + len(tail)
-        declared = 5000 if lie_about_size else size
-        entries.append(("word/document.xml", crc, compressed, declared, [head, segment, tail], inflated_mib))
-        for name, entry_crc, csize, usize, parts, repeat in entries:
-            raw_name = name.encode()
-            f.write(
-                struct.pack(
-                    "<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0x21, entry_crc, csize, usize, len(raw_name), 0
-                )
-            )
-            f.write(raw_name)
-            if len(parts) == 1:
-                f.write(parts[0])
-            else:
-                f.write(parts[0])
-                for _ in range(repeat):
-                    f.write(parts[1])
-                f.write(parts[2])
-            central += struct.pack(
-                "<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 0x21, entry_crc, csize, usize,
-                len(raw_name), 0, 0, 0, 0, 0, offset,
-            ) + raw_name  # fmt: skip
-            offset += 30 + len(raw_name) + csize
-        f.write(central)
-        f.write(
-            struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), len(central), offset, 0)
-        )
-    return size
+    as a stream (never held in memory) by the hostile-file zip writer. With `lie_about_size` the zip
+    headers declare 5,000 bytes. Returns the true inflated size of word/document.xml."""
+    document = Bomb(
+        f'{XML_HEAD}<w:document xmlns:w="{W_NS}"><w:body><w:p><w:r><w:t>'.encode(),
+        b"</w:t></w:r></w:p></w:body></w:document>",
+        inflated_mib,
+        filler=b" ",
+        declared=5000 if lie_about_size else None,
+    )
+    write_zip(
+        path,
+        [
+            ("[Content_Types].xml", content_types([("/word/document.xml", DOCX_MAIN)]).encode()),
+            ("_rels/.rels", relationships([("rId1", "officeDocument", "word/document.xml")]).encode()),
+            ("word/document.xml", document),
+        ],
+    )
+    return document.true_size
 
 
 # ---------------------------------------- Outlook MSG
