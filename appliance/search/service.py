@@ -282,7 +282,7 @@ def knn_statement(
             knn
             + f"""
             SELECT h.distance, {ROW_COLUMNS}
-            FROM hits h {ROW_JOINS.replace("c.id = ANY(:ids)", "c.id = h.id")}
+            FROM hits h JOIN chunks c ON c.id = h.id {ROW_JOINS}
             ORDER BY h.distance, h.id
             """
         )
@@ -379,8 +379,8 @@ def fuse(
 
 ROW_COLUMNS = """c.id, c.document_id, c.version_id, v.version, c.ordinal, d.title, c.page_start,
                c.page_end, c.char_start, c.char_end, c.text_enc, c.tenant_id, k.wrapped_dek, k.kek_id"""
-ROW_JOINS = """JOIN chunks c ON c.id = ANY(:ids)
-            JOIN documents d ON d.id = c.document_id AND d.status = 'active'
+# Joined onto a chunks row `c`: its document (active), its version (not deleted), the tenant's wrapped key.
+ROW_JOINS = """JOIN documents d ON d.id = c.document_id AND d.status = 'active'
             JOIN document_versions v ON v.id = c.version_id AND v.deleted_at IS NULL
             LEFT JOIN tenant_keys k ON k.tenant_id = c.tenant_id"""
 
@@ -389,7 +389,7 @@ async def _rows(session: AsyncSession, ids: list[int]) -> dict[int, Any]:
     if not ids:
         return {}
     rows = await session.execute(
-        text(f"SELECT {ROW_COLUMNS} FROM (SELECT 1) AS one {ROW_JOINS}"), {"ids": ids}
+        text(f"SELECT {ROW_COLUMNS} FROM chunks c {ROW_JOINS} WHERE c.id = ANY(:ids)"), {"ids": ids}
     )
     return {int(r.id): r for r in rows}
 
