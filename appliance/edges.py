@@ -76,7 +76,8 @@ class EdgeLimitsMiddleware:
             if body_done:  # a streamed response listening for the disconnect: no deadline
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), timeout=self.body_timeout_s)
+                async with asyncio.timeout(self.body_timeout_s):  # a timer, not a task as wait_for makes
+                    message = await receive()
             except TimeoutError:
                 raise EdgeLimitExceeded(
                     408,

@@ -31,7 +31,7 @@ router = APIRouter(tags=["answers"])
 Viewer = Annotated[Principal, Depends(require("viewer"))]
 
 
-def llm_client(request: Request) -> LLMClient:
+async def llm_client(request: Request) -> LLMClient:
     llm: LLMClient | None = request.app.state.llm
     if llm is None:
         raise LLMUnavailable("No chat model is configured (models/manifest.toml has none).")

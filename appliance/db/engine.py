@@ -19,7 +19,13 @@ from typing import Any
 import psycopg
 from psycopg.rows import namedtuple_row
 from sqlalchemy import event, exc, text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import Session
 
 TENANT_GUC = "app.tenant_id"
@@ -118,9 +124,7 @@ async def driver_rows(session: AsyncSession, sql: str, params: Mapping[str, Any]
     connection directly: named-tuple rows, without SQLAlchemy's statement and result layers (about
     0.15 ms a statement here). For the few statements of the hot path (search); errors surface as
     SQLAlchemy's, so the API's database-outage handling applies."""
-    connection = await session.connection()
-    raw = await connection.get_raw_connection()
-    driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+    connection, driver = await _driver_connection(session)
     try:
         async with driver.cursor(row_factory=namedtuple_row) as cursor:
             await cursor.execute(sql, params)
@@ -132,6 +136,22 @@ async def driver_rows(session: AsyncSession, sql: str, params: Mapping[str, Any]
         raise exc.DBAPIError.instance(
             sql, params, error, psycopg.Error, connection_invalidated=is_disconnect
         ) from error
+
+
+_DRIVER = "driver_connection"
+
+
+async def _driver_connection(session: AsyncSession) -> tuple[AsyncConnection, psycopg.AsyncConnection[Any]]:
+    """The session's connection and its psycopg connection, looked up once per transaction (each
+    lookup is two greenlet round trips through SQLAlchemy; forgotten when the transaction ends)."""
+    cached: tuple[AsyncConnection, psycopg.AsyncConnection[Any]] | None = session.info.get(_DRIVER)
+    if cached is not None:
+        return cached
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+    session.info[_DRIVER] = (connection, driver)
+    return connection, driver
 
 
 def after_commit(session: AsyncSession, callback: Callable[[], None]) -> None:
@@ -173,6 +193,8 @@ def _clear_tenant(session: Session) -> None:
 
 @event.listens_for(Session, "after_transaction_end")
 def _forget_tenant(session: Session, transaction: Any) -> None:
-    """`set_tenant` is transaction-local (`set_config(..., true)`): so is what the session remembers."""
+    """`set_tenant` is transaction-local (`set_config(..., true)`): so is what the session remembers,
+    and the next transaction may run on another connection (`_driver_connection`)."""
+    session.info.pop(_DRIVER, None)
     if transaction.parent is None:
         session.info.pop("tenant_id", None)

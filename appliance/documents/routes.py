@@ -52,7 +52,7 @@ VERSION_DOC = (
 )
 
 
-def services(request: Request) -> service.Services:
+async def services(request: Request) -> service.Services:
     svc: service.Services = request.app.state.documents
     return svc
 

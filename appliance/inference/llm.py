@@ -26,8 +26,11 @@ import httpx
 
 from appliance import metrics
 from appliance.errors import ServiceUnavailable
+from appliance.logs import get_logger
 from appliance.resilience import CircuitBreaker, CircuitOpen, open_message
 from appliance.settings import Settings
+
+log = get_logger("appliance.inference.llm")
 
 
 class LLMSaturated(ServiceUnavailable):
@@ -151,9 +154,9 @@ class LLMClient:
         if isinstance(exc, httpx.TimeoutException):
             detail = f"The language model did not answer within {self.settings.llm_timeout_s:g} s."
         else:
-            detail = (
-                f"The language model server at {self.base_url} failed: {str(exc)[:200] or type(exc).__name__}"
-            )
+            # The server's address and its error stay in the log: API clients get no internal URLs.
+            log.warning("language model server failed", url=self.base_url, error=str(exc)[:200])
+            detail = f"The language model server failed ({type(exc).__name__}); try again shortly."
         return LLMUnavailable(detail, headers={"Retry-After": "5"})
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:

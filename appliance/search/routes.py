@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from appliance.audit import service as audit
 from appliance.auth.deps import SessionDep, require
@@ -17,7 +17,7 @@ router = APIRouter(tags=["search"])
 Viewer = Annotated[Principal, Depends(require("viewer"))]
 
 
-def search_services(request: Request) -> service.SearchServices:
+async def search_services(request: Request) -> service.SearchServices:
     svc: service.SearchServices = request.app.state.search
     return svc
 
@@ -32,9 +32,7 @@ SearchSvc = Annotated[service.SearchServices, Depends(search_services)]
         Unauthorized, Forbidden, service.QueryTooLong, service.RerankUnavailable, AppError
     ),
 )
-async def search(
-    body: SearchRequest, session: SessionDep, principal: Viewer, svc: SearchSvc
-) -> SearchResponse:
+async def search(body: SearchRequest, session: SessionDep, principal: Viewer, svc: SearchSvc) -> Response:
     """Search the caller's tenant: `vector`, `fulltext` or `hybrid` (reciprocal-rank fusion), with filters."""
     # The session is listed first: it authenticates inside the request's transaction (auth.deps).
     assert principal.tenant_id is not None  # require("viewer") admits tenant keys only
@@ -42,4 +40,5 @@ async def search(
     audit.record(
         session, "search", resource_type="search", details=service.audit_details(body, response.results)
     )
-    return response
+    # Serialized by pydantic-core in one pass: FastAPI would dump, re-validate and dump it again.
+    return Response(response.model_dump_json(), media_type="application/json")

@@ -24,6 +24,7 @@ every hit, so even a stale entry can never show a deleted document.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import html
@@ -127,7 +128,7 @@ async def embed_query(
     vector: list[float] = (await anyio.to_thread.run_sync(embedder.embed, [query]))[0]
     if svc.redis is not None:
         key = qemb_key(tenant_id, embedder.name, query)
-        await _redis_set(svc, key, array("f", vector).tobytes(), QEMB_TTL_S)
+        _redis_set_later(svc, key, array("f", vector).tobytes(), QEMB_TTL_S)
     return vector
 
 
@@ -206,6 +207,17 @@ async def _redis_mget(svc: SearchServices, keys: list[str]) -> list[bytes | None
 async def _redis_set(svc: SearchServices, key: str, value: bytes | str, ttl: int) -> None:
     with contextlib.suppress(Exception):  # a cache write that fails is a cache miss next time
         await svc.redis.set(key, value, ex=ttl)
+
+
+_cache_writes: set[asyncio.Task[None]] = set()
+
+
+def _redis_set_later(svc: SearchServices, key: str, value: bytes | str, ttl: int) -> None:
+    """`_redis_set` without waiting for it: the request goes on while the cache entry is written
+    (sent at the request's next wait, so before any later request of this process can look for it)."""
+    task = asyncio.get_running_loop().create_task(_redis_set(svc, key, value, ttl))
+    _cache_writes.add(task)
+    task.add_done_callback(_cache_writes.discard)
 
 
 def invalidate(redis_client: Any, tenant_id: uuid.UUID) -> None:
@@ -476,7 +488,7 @@ async def rank(
         payload = json.dumps(
             {"gen": gen, "ranked": [[r.chunk_id, r.score, r.vector_rank, r.fulltext_rank] for r in ranked]}
         )
-        await _redis_set(svc, key, payload, s.search_cache_ttl_s)
+        _redis_set_later(svc, key, payload, s.search_cache_ttl_s)
     return ranked, model, False
 
 

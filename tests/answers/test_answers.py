@@ -155,14 +155,15 @@ async def test_llm_down_is_a_clear_503(settings: Settings) -> None:
     from appliance.inference.llm import LLMUnavailable
     from tests.conftest import free_port
 
-    llm = LLMClient(
-        settings.model_copy(update={"llm_url": f"http://127.0.0.1:{free_port()}"}), model="m", n_ctx=2048
-    )
+    port = free_port()
+    down = settings.model_copy(update={"llm_url": f"http://127.0.0.1:{port}"})
+    llm = LLMClient(down, model="m", n_ctx=2048)
     try:
         for _ in range(3):
             with pytest.raises(LLMUnavailable) as exc:
                 await llm.complete([{"role": "user", "content": "hi"}], max_tokens=4)
             assert exc.value.code == "llm_unavailable"
+            assert str(port) not in exc.value.detail  # the internal address stays in the log
         # Three failures in a row open the circuit: the next call fails fast without trying.
         with pytest.raises(LLMUnavailable) as exc:
             await asyncio.wait_for(llm.complete([{"role": "user", "content": "hi"}], max_tokens=4), 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
 from appliance.db import engine as db_engine
@@ -27,6 +28,36 @@ async def test_driver_rows_returns_named_rows_and_raises_sqlalchemy_errors(app_d
         async with app_db.transaction() as session:
             await driver_rows(session, "SELECT no_such_column FROM api_keys", {})
     assert isinstance(caught.value, DBAPIError) and isinstance(caught.value.orig, psycopg.Error)
+
+
+async def test_driver_rows_runs_on_the_current_transactions_connection(
+    settings: Settings,
+) -> None:
+    """driver_rows remembers the psycopg connection for the rest of a transaction, and forgets it when
+    the transaction ends: the session's next transaction may hold another connection."""
+    db = Database(settings.app_database_url, pool_size=2)
+    pid_and_txid = "SELECT pg_backend_pid() AS pid, txid_current() AS txid"
+    try:
+        async with db.sessionmaker() as session:
+            async with session.begin():
+                first, again = [(await driver_rows(session, pid_and_txid, {}))[0] for _ in range(2)]
+                assert (first.pid, first.txid) == (again.pid, again.txid)
+            # The first connection, back in the pool, is taken by someone else meanwhile …
+            async with db.engine.connect() as holder:
+                held = (await holder.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+                assert held == first.pid
+                async with session.begin():  # … so this transaction runs on another connection
+                    (second,) = await driver_rows(session, pid_and_txid, {})
+                    (orm,) = (await session.execute(text("SELECT pg_backend_pid()"))).one()
+                assert second.pid == orm != first.pid
+            with pytest.raises(ProgrammingError):  # a failed transaction is forgotten too
+                async with session.begin():
+                    await driver_rows(session, "SELECT no_such_column FROM api_keys", {})
+            async with session.begin():
+                (third,) = await driver_rows(session, pid_and_txid, {})
+                assert third.txid not in (first.txid, second.txid)
+    finally:
+        await db.dispose()
 
 
 async def test_a_connection_killed_while_idle_is_replaced_on_checkout(
