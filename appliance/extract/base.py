@@ -468,3 +468,26 @@ def extract(
 
         raw = sandbox.run_kreuzberg(path.resolve(), spec, limits=limits, ocr=ocr)
     return finish(raw, spec, limits)
+
+
+MEMORY_MARKERS = (
+    "memoryerror",
+    "memory allocation of",  # Rust's alloc error handler, then abort()
+    "std::bad_alloc",  # C++ (pdfium, tesseract)
+    "cannot allocate memory",
+    "out of memory",
+    "failed to allocate",
+    "allocerror",  # Rust TryReserveError surfacing as a pyo3 PanicException
+    "failed to map segment",  # the loader could not mmap a shared library under RLIMIT_AS
+    # pdfium is built without exceptions, but its libc++ operator new throws std::bad_alloc under
+    # RLIMIT_AS; Rust cannot unwind a C++ exception and aborts with this line (seen with
+    # self-referencing form XObjects that fan out until memory runs out).
+    "rust cannot catch foreign exceptions",
+)
+
+
+def has_memory_marker(text: bytes) -> bool:
+    """Whether a parser's message or stderr says an allocation or a library mapping was refused (what
+    RLIMIT_AS looks like from inside a parser)."""
+    lowered = text.decode("utf-8", "replace").lower()
+    return any(marker in lowered for marker in MEMORY_MARKERS)

@@ -27,6 +27,7 @@ from appliance.extract.base import (
     check_zip_container,
     check_zip_inflation,
     clean_metadata,
+    has_memory_marker,
 )
 
 BACKEND = "kreuzberg"
@@ -69,8 +70,9 @@ def map_error(exc: Exception) -> ExtractionError:
         return ExtractionError("encrypted_file", message)
     if "security limit" in lowered:
         return ExtractionError("too_large", message)
-    if "out of memory" in lowered or "memory allocation of" in lowered:
-        # e.g. ODT "Failed to read content.xml: out of memory": an allocation refused under RLIMIT_AS
+    if has_memory_marker(message.encode()):
+        # e.g. ODT "Failed to read content.xml: out of memory": an allocation refused under RLIMIT_AS,
+        # or pdfium's library that could not be mapped ("failed to map segment from shared object")
         return ExtractionError("memory_limit", message)
     if isinstance(exc, k.ParsingError | k.OCRError | k.ImageProcessingError | k.ValidationError):
         return ExtractionError("corrupt_file", message)
@@ -87,6 +89,8 @@ def _pdf_page_count(path: Path) -> int:
         message = " ".join(str(exc).split())
         if "password" in message.lower() or "encrypt" in message.lower():
             raise ExtractionError("encrypted_file", message) from None
+        if has_memory_marker(message.encode()):
+            raise ExtractionError("memory_limit", message) from None
         raise ExtractionError("corrupt_file", message) from None
 
 

@@ -302,7 +302,7 @@ def test_memory_limit_python_allocation(sample_dir: Path) -> None:
 
 
 def test_memory_limit_native_allocation(scanned_pdf: Path, sample_dir: Path) -> None:
-    # Too little address space to even map kreuzberg's 80 MB library: the loader fails.
+    # Too little address space to map pdfium's library (kreuzberg loads it for a PDF): the loader fails.
     _raises(
         "memory_limit",
         lambda: extract(sample_dir / "three-pages.pdf", "application/pdf", limits=Limits(memory_mb=100)),

@@ -16,7 +16,6 @@ A table (case, outcome, code, seconds, peak RSS) is printed at the end of the mo
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 import zipfile
@@ -31,7 +30,7 @@ from fastapi import FastAPI
 
 from appliance.db.engine import Database
 from appliance.documents.upload import SNIFF_BYTES, sniff_content_type
-from appliance.extract import ExtractionError, Limits, extract
+from appliance.extract import ExtractionError, Limits, extract, sandbox
 from tests.factories import bearer, ingest_pending, make_tenant
 from tests.support import hostile as h
 
@@ -42,21 +41,28 @@ NORMAL_TEXT = "The harbour ferry timetable changes on the first Monday of April.
 # ---------------------------------------- measurement
 
 
-class _MeasuredPopen(subprocess.Popen):  # type: ignore[type-arg]
-    """Popen that samples the child's VmHWM (peak RSS of its own address space) every 10 ms until it
-    exits. wait4's ru_maxrss cannot be used: Linux carries the forking parent's RSS (this test
-    process's) into the child's maxrss across exec. A sample is a lower bound of the true peak."""
+class _Measured:
+    """Samples each sandbox child's VmHWM (peak RSS of its own address space) every 10 ms until it
+    exits, whichever way it was started (forked by the worker's zygote or started directly): wraps
+    `sandbox._start_child`. wait4's ru_maxrss cannot be used: Linux carries the forking parent's RSS
+    into the child's maxrss. A sample is a lower bound of the true peak; for a child forked from the
+    zygote it includes the zygote's pages the child shares (Python and kreuzberg, loaded)."""
 
-    peaks_kib: list[int] = []
+    samplers: list[_Measured] = []
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._hwm_kib = 0
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.hwm_kib = 0
         threading.Thread(target=self._sample, daemon=True).start()
+
+    @classmethod
+    def peak_kib(cls) -> int | None:
+        peaks = [s.hwm_kib for s in cls.samplers if s.hwm_kib]
+        return max(peaks) if peaks else None
 
     def _sample(self) -> None:
         status = Path(f"/proc/{self.pid}/status")
-        while self.returncode is None:
+        while True:
             try:
                 text = status.read_text()
             except OSError:
@@ -64,14 +70,8 @@ class _MeasuredPopen(subprocess.Popen):  # type: ignore[type-arg]
             line = next((x for x in text.splitlines() if x.startswith("VmHWM:")), None)
             if line is None:  # a zombie has no memory left
                 return
-            self._hwm_kib = max(self._hwm_kib, int(line.split()[1]))
+            self.hwm_kib = max(self.hwm_kib, int(line.split()[1]))
             time.sleep(0.01)
-
-    def _try_wait(self, wait_flags: int) -> tuple[int, int]:
-        pid, status = super()._try_wait(wait_flags)  # type: ignore[misc]
-        if pid == self.pid and self._hwm_kib:
-            _MeasuredPopen.peaks_kib.append(self._hwm_kib)
-        return pid, status
 
 
 @dataclass
@@ -110,7 +110,14 @@ def table(request: pytest.FixtureRequest) -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def measured(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(subprocess, "Popen", _MeasuredPopen)
+    real = sandbox._start_child
+
+    def start(workdir: str) -> Any:
+        child, parent_pid = real(workdir)
+        _Measured.samplers.append(_Measured(child.pid))
+        return child, parent_pid
+
+    monkeypatch.setattr(sandbox, "_start_child", start)
 
 
 @pytest.fixture
@@ -141,7 +148,7 @@ def attempt(
     `expected` is (outcome, code): ("failed", code) or ("succeeded", "-")."""
     if canary is not None:
         assert canary.watch(), "inotify is needed to prove no parser opens a local file"
-    _MeasuredPopen.peaks_kib.clear()
+    _Measured.samplers.clear()
     started = time.perf_counter()
     result = None
     try:
@@ -152,7 +159,8 @@ def attempt(
         outcome, code, seen = "failed", exc.code, exc.message
         assert "\n" not in exc.message
     seconds = time.perf_counter() - started
-    peak = max(_MeasuredPopen.peaks_kib) / 1024 if _MeasuredPopen.peaks_kib else None
+    peak_kib = _Measured.peak_kib()
+    peak = peak_kib / 1024 if peak_kib is not None else None
     ROWS.append(Row(case, outcome, code, seconds, peak))
 
     assert (outcome, code) == expected, seen[:500]
@@ -533,11 +541,12 @@ async def _ingest_and_check(
 ) -> None:
     doc_id = await _upload(client, tenant.key, name, _file_chunks(path))
     assert canary.watch()
-    _MeasuredPopen.peaks_kib.clear()
+    _Measured.samplers.clear()
     started = time.perf_counter()
     outcomes = await ingest_pending(app, tenant.id)
     seconds = time.perf_counter() - started
-    peak = max(_MeasuredPopen.peaks_kib) / 1024 if _MeasuredPopen.peaks_kib else None
+    peak_kib = _Measured.peak_kib()
+    peak = peak_kib / 1024 if peak_kib is not None else None
     job = await _job(client, tenant.key, doc_id)
     doc = (await client.get(f"/api/v1/documents/{doc_id}", headers=bearer(tenant.key))).json()
     status = doc["current_version"]["ingest_status"]
