@@ -9,8 +9,9 @@ worker connects to the zygote's Unix socket (in a 0700 directory) and passes the
 and stderr pipes (SCM_RIGHTS) and its working directory; the reply is the child's pid, and later its
 exit status.
 
-Zygote side (`serve`): asks the kernel for SIGTERM when the worker dies (PR_SET_PDEATHSIG), on which it
-kills every child's process group and exits; imports kreuzberg, then forks one child per connection. The
+Zygote side (`serve`): watches its stdin, a pipe the worker never writes to, and when it reads EOF (the
+worker process is gone, however it ended) or gets SIGTERM, kills every child's process group and exits;
+imports kreuzberg, then forks one child per connection. The
 child starts a new session (own process group, so the worker's killpg reaches it and its grandchildren)
 before the zygote answers with its pid, moves the pipes onto fds 0-2, enters its working directory and
 runs `sandbox.main`: the same limits and the same protocol as a child the worker starts itself; it dies
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import json
 import os
 import select
@@ -48,7 +48,6 @@ START_TIMEOUT_S = 30.0
 REPLY_TIMEOUT_S = 10.0
 """How long the worker waits for a child's pid."""
 _MAX_HEADER = 64 * 1024
-_PR_SET_PDEATHSIG = 1
 
 
 class ZygoteUnavailable(Exception):
@@ -145,8 +144,8 @@ class Zygote:
             path = self._socket_path()
             try:
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "appliance.extract.zygote", path, str(os.getpid())],
-                    stdin=subprocess.DEVNULL,
+                    [sys.executable, "-m", "appliance.extract.zygote", path],
+                    stdin=subprocess.PIPE,  # never written: its EOF tells the zygote this process is gone
                     stdout=subprocess.DEVNULL,
                     cwd=self._dir,
                     env=_child_env(self._dir),
@@ -175,6 +174,9 @@ class Zygote:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
+            if self._proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self._proc.stdin.close()
             self._proc = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -244,7 +246,7 @@ atexit.register(ZYGOTE.stop)
 # ---------------------------------------- zygote side
 
 
-def serve(socket_path: str, worker_pid: int) -> None:
+def serve(socket_path: str) -> None:
     children: dict[socket.socket, int] = {}
 
     def end(*_: object) -> None:
@@ -256,10 +258,10 @@ def serve(socket_path: str, worker_pid: int) -> None:
         os._exit(0)
 
     signal.signal(signal.SIGTERM, end)
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != worker_pid:  # the worker died before prctl took effect
-        end()
+    # The worker holds the write end of our stdin and never writes: EOF means the worker process is
+    # gone. (Not PR_SET_PDEATHSIG: that fires when the *thread* that started us ends, and workers
+    # extract on pool threads that come and go.)
+    os.set_blocking(0, False)
     from appliance.extract import kreuzberg_backend  # noqa: F401 - the point: loaded once, before any fork
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -275,10 +277,18 @@ def serve(socket_path: str, worker_pid: int) -> None:
     reported: set[int] = set()
     while True:
         try:
-            watched: list[Any] = [listener, wake_r, *children]
+            watched: list[Any] = [0, listener, wake_r, *children]
             ready, _, _ = select.select(watched, [], [], 5.0)
         except InterruptedError:
             continue
+        if 0 in ready:
+            try:
+                if not os.read(0, 4096):
+                    end()  # the worker process has exited (or was killed)
+            except BlockingIOError:
+                pass
+            except OSError:
+                end()
         if wake_r in ready:
             with contextlib.suppress(BlockingIOError):
                 while os.read(wake_r, 4096):
@@ -383,5 +393,5 @@ def _fork_child(
     return pid
 
 
-if __name__ == "__main__":  # python -m appliance.extract.zygote SOCKET WORKER_PID
-    serve(sys.argv[1], int(sys.argv[2]))
+if __name__ == "__main__":  # python -m appliance.extract.zygote SOCKET
+    serve(sys.argv[1])

@@ -184,3 +184,20 @@ def test_a_zygote_that_does_not_answer_is_replaced(sample_dir: Path, monkeypatch
             os.kill(stuck, signal.SIGKILL)
     run_kreuzberg(sample_dir / "plain.txt", TEXT, limits=Limits(), ocr=None)
     assert ZYGOTE.pid not in (None, stuck)
+
+
+def test_the_zygote_outlives_the_thread_that_started_it(sample_dir: Path) -> None:
+    """Workers extract on pool threads that come and go (anyio's idle threads exit): the zygote must
+    not die with the thread that started it (PR_SET_PDEATHSIG would do that)."""
+    ZYGOTE.stop()
+    starter = threading.Thread(
+        target=lambda: run_kreuzberg(sample_dir / "plain.txt", TEXT, limits=Limits(), ocr=None)
+    )
+    starter.start()
+    starter.join()
+    zygote = ZYGOTE.pid
+    assert zygote is not None
+    time.sleep(0.3)
+    assert not _gone(zygote)
+    assert run_kreuzberg(sample_dir / "plain.txt", TEXT, limits=Limits(), ocr=None).pages
+    assert ZYGOTE.pid == zygote
