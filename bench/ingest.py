@@ -12,7 +12,8 @@ APPLIANCE_WORKER_PROCESSES / APPLIANCE_WORKER_THREADS), uploads everything with 
 concurrent HTTP clients, and polls Postgres (as the owner) until every version is ready, failed or
 needs_ocr. Prints docs, chunks, wall time (first upload to last document done), docs/min, chunks/s,
 embedded tokens/s (sum of `chunks.token_count`), failures by error code, and the CPU seconds each group of
-the appliance's processes used meanwhile (from /proc; extraction sandboxes count in their worker's).
+the appliance's processes used meanwhile (from /proc; extraction sandboxes count in their zygote's or
+worker's).
 
 Then, with the appliance stopped, it decrypts a sample of the chunks it just stored and embeds them
 one passage per call (what the worker does) with the same model and the same llama.cpp thread count
@@ -436,7 +437,7 @@ def raw_throughput(
 
 CPU_GROUPS = (
     ("api", ("gunicorn",)),
-    ("workers+extraction", ("dramatiq",)),
+    ("workers+extraction", ("dramatiq", "appliance.extract.zygote")),  # the zygote reaps the sandboxes
     ("postgres", ("postgres",)),
     ("redis", ("redis-server",)),
     ("object store", ("radosgw", "ceph-", "minio")),
@@ -447,7 +448,7 @@ CPU_GROUPS = (
 
 def cpu_by_group() -> dict[str, float]:
     """CPU seconds (user + system) of the appliance's processes by group, reaped children included
-    (the extraction sandboxes count in their worker's): read from /proc."""
+    (the extraction sandboxes count in the zygote's that forked them, or their worker's): from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
