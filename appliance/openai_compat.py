@@ -155,8 +155,9 @@ def _check_model(svc: Any, name: str, purpose: str) -> str:
 
 @router.post("/embeddings", responses=problem_responses(Unauthorized, Forbidden, NotFound, AppError))
 async def embeddings(
-    body: EmbeddingRequest, principal: Viewer, session: SessionDep, svc: SearchSvc
+    body: EmbeddingRequest, session: SessionDep, principal: Viewer, svc: SearchSvc
 ) -> dict[str, Any]:
+    # The session is listed first: it authenticates inside the request's transaction (auth.deps).
     from appliance.search.service import _embedder
 
     name = _check_model(svc, body.model, "embedding")

@@ -109,6 +109,10 @@ def test_chat_completions_plain_streamed_and_grounded(live_api: str, corpus: Cor
 def test_errors_reach_the_client_as_its_own_exceptions(live_api: str, corpus: Corpus) -> None:
     with pytest.raises(openai.AuthenticationError):
         oai(live_api, "apl_000000000000_" + "x" * 43).models.list()
+    key = corpus.tenant.key
+    wrong_secret = key[:-1] + ("y" if key.endswith("x") else "x")
+    with pytest.raises(openai.AuthenticationError):  # authenticated inside the request's transaction
+        oai(live_api, wrong_secret).embeddings.create(model="all-minilm-l6-v2", input="x")
     client = oai(live_api, corpus.tenant.key)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
