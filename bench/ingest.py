@@ -472,6 +472,9 @@ def main() -> None:
     ap.add_argument(
         "--embedding-threads", type=int, default=None, help="APPLIANCE_EMBEDDING_THREADS (llama.cpp threads)"
     )
+    ap.add_argument(
+        "--no-zygote", action="store_true", help="APPLIANCE_EXTRACT_ZYGOTE=false: start each extraction child"
+    )
     ap.add_argument("--sample", type=int, default=64, help="chunks embedded for the raw measurement")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
@@ -501,6 +504,8 @@ def main() -> None:
         env["APPLIANCE_WORKER_THREADS"] = str(args.worker_threads)
     if args.embedding_threads is not None:
         env["APPLIANCE_EMBEDDING_THREADS"] = str(args.embedding_threads)
+    if args.no_zygote:
+        env["APPLIANCE_EXTRACT_ZYGOTE"] = "false"
     overrides = {
         k.removeprefix("APPLIANCE_").lower(): v for k, v in env.items() if k.startswith("APPLIANCE_")
     }

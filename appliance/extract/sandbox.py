@@ -125,16 +125,20 @@ def _child_env(workdir: str) -> dict[str, str]:
     return env
 
 
-USE_ZYGOTE = True
-"""Fork children from the worker's zygote (appliance.extract.zygote) rather than start each one; the
-zygote unavailable, a child is started directly."""
+def _use_zygote() -> bool:
+    """Fork children from the worker's zygote (appliance.extract.zygote) rather than start each one
+    (setting `extract_zygote`); the zygote unavailable, a child is started directly."""
+    from appliance.settings import get_settings
+
+    return get_settings().extract_zygote
+
 
 Child = subprocess.Popen[bytes] | ZygoteChild
 
 
 def _start_child(workdir: str) -> tuple[Child, int]:
     """A sandbox child in `workdir` with its stdio on pipes, and the pid of its parent."""
-    if USE_ZYGOTE:
+    if _use_zygote():
         try:
             child = ZYGOTE.spawn(workdir)
             return child, child.parent_pid

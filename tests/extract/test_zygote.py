@@ -201,3 +201,25 @@ def test_the_zygote_outlives_the_thread_that_started_it(sample_dir: Path) -> Non
     assert not _gone(zygote)
     assert run_kreuzberg(sample_dir / "plain.txt", TEXT, limits=Limits(), ocr=None).pages
     assert ZYGOTE.pid == zygote
+
+
+def test_the_setting_turns_the_zygote_off(sample_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.settings import get_settings
+
+    monkeypatch.setenv("APPLIANCE_EXTRACT_ZYGOTE", "false")
+    get_settings.cache_clear()
+    try:
+        parents: list[int] = []
+        real = sandbox._start_child
+
+        def start(workdir: str) -> tuple[sandbox.Child, int]:
+            child, parent = real(workdir)
+            parents.append(parent)
+            return child, parent
+
+        monkeypatch.setattr(sandbox, "_start_child", start)
+        assert run_kreuzberg(sample_dir / "plain.txt", TEXT, limits=Limits(), ocr=None).pages
+        assert parents == [os.getpid()]
+    finally:
+        monkeypatch.delenv("APPLIANCE_EXTRACT_ZYGOTE")
+        get_settings.cache_clear()
