@@ -102,22 +102,28 @@ def test_children_fork_from_the_zygote_in_a_clean_session(tmp_path: Path, sample
     assert result.pages and ZYGOTE.pid not in (None, zygote)
 
 
+@pytest.fixture
+def parents(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The parent pid of each sandbox child started from now on (the zygote's, or this process's)."""
+    seen: list[int] = []
+    real = sandbox._start_child
+
+    def start(workdir: str) -> tuple[sandbox.Child, int]:
+        child, parent = real(workdir)
+        seen.append(parent)
+        return child, parent
+
+    monkeypatch.setattr(sandbox, "_start_child", start)
+    return seen
+
+
 def test_without_the_zygote_the_worker_starts_the_child(
-    sample_dir: Path, monkeypatch: pytest.MonkeyPatch
+    sample_dir: Path, monkeypatch: pytest.MonkeyPatch, parents: list[int]
 ) -> None:
     def unavailable(workdir: str) -> None:
         raise ZygoteUnavailable("test: no zygote")
 
     monkeypatch.setattr(ZYGOTE, "spawn", unavailable)
-    parents: list[int] = []
-    real = sandbox._start_child
-
-    def start(workdir: str) -> tuple[sandbox.Child, int]:
-        child, parent = real(workdir)
-        parents.append(parent)
-        return child, parent
-
-    monkeypatch.setattr(sandbox, "_start_child", start)
     result = run_kreuzberg(sample_dir / "plain.txt", TEXT, limits=Limits(), ocr=None)
     assert result.pages and parents == [os.getpid()]
     crash = pytest.raises(
@@ -203,21 +209,14 @@ def test_the_zygote_outlives_the_thread_that_started_it(sample_dir: Path) -> Non
     assert ZYGOTE.pid == zygote
 
 
-def test_the_setting_turns_the_zygote_off(sample_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_setting_turns_the_zygote_off(
+    sample_dir: Path, monkeypatch: pytest.MonkeyPatch, parents: list[int]
+) -> None:
     from appliance.settings import get_settings
 
     monkeypatch.setenv("APPLIANCE_EXTRACT_ZYGOTE", "false")
     get_settings.cache_clear()
     try:
-        parents: list[int] = []
-        real = sandbox._start_child
-
-        def start(workdir: str) -> tuple[sandbox.Child, int]:
-            child, parent = real(workdir)
-            parents.append(parent)
-            return child, parent
-
-        monkeypatch.setattr(sandbox, "_start_child", start)
         assert run_kreuzberg(sample_dir / "plain.txt", TEXT, limits=Limits(), ocr=None).pages
         assert parents == [os.getpid()]
     finally:
