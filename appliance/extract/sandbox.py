@@ -93,8 +93,7 @@ def run_kreuzberg(
         "limits": asdict(limits),
         "ocr": {None: "auto", True: "on", False: "off"}[ocr],
         "ocr_available": ocr_available(),
-        "parent_pid": os.getpid(),
-        "hook": _test_hook,
+        "hook": _test_hook,  # run_child adds "parent_pid": the child's parent, the zygote or this process
     }
     reply = run_child(request, limits)
     return RawResult(

@@ -11,14 +11,13 @@ exit status.
 
 Zygote side (`serve`): watches its stdin, a pipe the worker never writes to, and when it reads EOF (the
 worker process is gone, however it ended) or gets SIGTERM, kills every child's process group and exits;
-imports kreuzberg, then forks one child per connection. The
-child starts a new session (own process group, so the worker's killpg reaches it and its grandchildren)
-before the zygote answers with its pid, moves the pipes onto fds 0-2, enters its working directory and
-runs `sandbox.main`: the same limits and the same protocol as a child the worker starts itself; it dies
-with the zygote (its own PDEATHSIG). The zygote reports a child's exit without reaping it (waitid
-WNOWAIT: its pid, the process group id, cannot be reused while the worker may still killpg it) and reaps
-it when the worker closes the connection, after SIGKILL to its group in case the worker did not send
-one. The zygote never reads a document.
+imports kreuzberg, then forks one child per connection. The child starts a new session (own process
+group, so the worker's killpg reaches it and its grandchildren) before the zygote answers with its pid,
+moves the pipes onto fds 0-2, enters its working directory and runs `sandbox.main`: the same limits and
+the same protocol as a child the worker starts itself; it dies with the zygote (its own PDEATHSIG). The
+zygote reports a child's exit without reaping it (waitid WNOWAIT: its pid, the process group id, cannot
+be reused while the worker may still killpg it) and reaps it when the worker closes the connection,
+after SIGKILL to its group in case the worker did not send one. The zygote never reads a document.
 
 Why not multiprocessing's forkserver: it starts its server with the caller's environment (the worker's
 secrets would be in every child's /proc/self/environ), passes pickled callables, and reaps children
@@ -60,17 +59,17 @@ class ZygoteUnavailable(Exception):
 class ZygoteChild:
     """A sandbox child forked by the zygote, with what run_child uses of subprocess.Popen: `pid`,
     `stdin`, `stdout`, `stderr`, `returncode`, `wait()`; `exited()` asks without blocking; `close()`
-    lets the zygote reap it (after the caller's killpg)."""
+    lets the zygote reap it (after the caller's killpg). `parent_pid`: the zygote's."""
 
-    def __init__(self, pid: int, conn: socket.socket, stdin: IO[bytes], stdout: IO[bytes], stderr: IO[bytes]):
+    def __init__(self, pid: int, parent_pid: int, conn: socket.socket, fds: list[int], buffered: bytes):
         self.pid = pid
-        self.stdin: IO[bytes] | None = stdin
-        self.stdout: IO[bytes] | None = stdout
-        self.stderr: IO[bytes] | None = stderr
+        self.parent_pid = parent_pid
+        self.stdin: IO[bytes] | None = open(fds[0], "wb", buffering=0)  # noqa: SIM115 - run_child closes
+        self.stdout: IO[bytes] | None = open(fds[1], "rb", buffering=0)  # noqa: SIM115
+        self.stderr: IO[bytes] | None = open(fds[2], "rb", buffering=0)  # noqa: SIM115
         self.returncode: int | None = None
-        self.parent_pid = 0  # the zygote's pid: the child's parent
         self._conn = conn
-        self._buffer = b""
+        self._buffer = buffered  # what came after the pid line
 
     def _read_status(self, timeout: float | None) -> bool:
         """Read the zygote's status line if it comes within `timeout` (None: wait for it)."""
@@ -96,15 +95,10 @@ class ZygoteChild:
     def exited(self) -> bool:
         return self._read_status(0)
 
-    def poll(self) -> int | None:
-        self._read_status(0)
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._read_status(None if deadline is None else max(0.0, deadline - time.monotonic())):
-            if deadline is not None and time.monotonic() >= deadline:
-                raise subprocess.TimeoutExpired(f"zygote child {self.pid}", timeout or 0)
+    def wait(self) -> int:
+        """The exit status (run_child waits only after its killpg: it comes at once)."""
+        while not self._read_status(None):
+            pass
         assert self.returncode is not None
         return self.returncode
 
@@ -214,29 +208,16 @@ class Zygote:
             line, _, rest = reply.partition(b"\n")
             pid = int(json.loads(line)["pid"])
             conn.settimeout(None)
-        except (OSError, ValueError, KeyError, ZygoteUnavailable) as exc:
+        except BaseException as exc:
             for fd in theirs + ours:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             conn.close()
+            if not isinstance(exc, OSError | ValueError | KeyError | ZygoteUnavailable):
+                raise
             self.stop()  # a zygote that fails to answer is replaced on the next call
             raise ZygoteUnavailable(f"the zygote did not start a child: {exc}") from None
-        except BaseException:
-            for fd in theirs + ours:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            conn.close()
-            raise
-        child = ZygoteChild(
-            pid,
-            conn,
-            stdin=open(ours[0], "wb", buffering=0),  # noqa: SIM115 - closed by run_child
-            stdout=open(ours[1], "rb", buffering=0),  # noqa: SIM115
-            stderr=open(ours[2], "rb", buffering=0),  # noqa: SIM115
-        )
-        child._buffer = rest
-        child.parent_pid = self._proc.pid if self._proc is not None else 0
-        return child
+        return ZygoteChild(pid, self.pid or 0, conn, ours, rest)
 
 
 ZYGOTE = Zygote()
@@ -250,7 +231,7 @@ def serve(socket_path: str) -> None:
     children: dict[socket.socket, int] = {}
 
     def end(*_: object) -> None:
-        """The worker died (SIGTERM by PR_SET_PDEATHSIG) or asked: every child's group goes too, with
+        """The worker is gone (EOF on stdin) or asked (SIGTERM): every child's group goes too, with
         whatever a parser started (a child dies with the zygote anyway, its grandchildren would not)."""
         for pid in children.values():
             with contextlib.suppress(ProcessLookupError, PermissionError):
