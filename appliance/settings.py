@@ -8,6 +8,7 @@ from the defaults below. Nothing here is secret by default: secrets are generate
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +60,14 @@ class Settings(BaseSettings):
     pg_app_password: SecretStr | None = None
     pg_embedded: bool = True
     db_pool_size: int = 5
+    # Memory of the embedded cluster, in Postgres units ("2GB", "512MB"). None: sized from the memory
+    # this machine (or its cgroup) gives the appliance (`runtime.postgres.memory_settings`):
+    # shared_buffers 25% (16GB at most), effective_cache_size 50%, maintenance_work_mem 1/16 (64MB to
+    # 2GB: HNSW builds), work_mem 16MB. The test environment keeps Postgres's own small defaults.
+    pg_shared_buffers: str | None = None
+    pg_effective_cache_size: str | None = None
+    pg_maintenance_work_mem: str | None = None
+    pg_work_mem: str | None = None
 
     # Redis.
     redis_host: str = "127.0.0.1"
@@ -201,6 +210,13 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ValueError(f"{value!r} is not a rate limit such as '600/minute': {exc}") from exc
         return value
+
+    @field_validator("pg_shared_buffers", "pg_effective_cache_size", "pg_maintenance_work_mem", "pg_work_mem")
+    @classmethod
+    def _pg_memory_notation(cls, value: str | None) -> str | None:
+        if value is None or re.fullmatch(r"[1-9][0-9]*(kB|MB|GB|TB)", value.strip()):
+            return value.strip() if value else value
+        raise ValueError(f"{value!r} is not a Postgres memory size such as '512MB' or '2GB'")
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

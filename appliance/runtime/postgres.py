@@ -191,8 +191,52 @@ def initdb(settings: Settings, ident: ServiceIdentity, install: PgInstall, env: 
     return elapsed
 
 
+def available_memory_bytes() -> int:
+    """Memory this machine gives the appliance: the physical RAM, or the cgroup's limit when lower
+    (a container, a systemd slice with MemoryMax)."""
+    total = int(psutil.virtual_memory().total)
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+        break
+    return total
+
+
+def _mb(n_bytes: float) -> str:
+    return f"{int(n_bytes // 2**20)}MB"
+
+
+def memory_settings(settings: Settings, memory_bytes: int | None = None) -> dict[str, str]:
+    """Postgres's memory settings for the embedded cluster: what is set explicitly, the rest sized from
+    the machine's memory. Postgres's defaults (shared_buffers 128MB) are sized for a laptop: at a
+    million chunks the HNSW index alone is 2 GB, and every search and full-text candidate that misses
+    the buffer cache costs a copy from the OS's page cache (docs/retrieval.md has the measurements).
+    The test environment sets only what is given, keeping many test clusters small."""
+    explicit = {
+        "shared_buffers": settings.pg_shared_buffers,
+        "effective_cache_size": settings.pg_effective_cache_size,
+        "maintenance_work_mem": settings.pg_maintenance_work_mem,
+        "work_mem": settings.pg_work_mem,
+    }
+    if settings.environment == "test":
+        return {k: v for k, v in explicit.items() if v is not None}
+    ram = available_memory_bytes() if memory_bytes is None else memory_bytes
+    auto = {
+        "shared_buffers": _mb(min(max(ram / 4, 128 * 2**20), 16 * 2**30)),
+        "effective_cache_size": _mb(max(ram / 2, 512 * 2**20)),
+        "maintenance_work_mem": _mb(min(max(ram / 16, 64 * 2**20), 2 * 2**30)),
+        "work_mem": "16MB",
+    }
+    return {k: v if v is not None else auto[k] for k, v in explicit.items()}
+
+
 def write_config(settings: Settings, ident: ServiceIdentity) -> None:
     data = settings.pg_data_dir
+    memory = [f"{name} = '{value}'" for name, value in memory_settings(settings).items()]
     conf = "\n".join(
         [
             "# Managed by `appliance up`: rewritten at each start; put your own settings in postgresql.conf.",
@@ -202,6 +246,8 @@ def write_config(settings: Settings, ident: ServiceIdentity) -> None:
             "unix_socket_permissions = 0700",
             "shared_preload_libraries = 'vector'",
             "password_encryption = 'scram-sha-256'",
+            "# Memory: APPLIANCE_PG_SHARED_BUFFERS and friends, or sized from this machine's memory.",
+            *memory,
             "",
         ]
     )

@@ -153,10 +153,16 @@ def test_second_start_reuses_the_data_directory(home: Path) -> None:
     key_before = s1.master_key_path.read_bytes()
     env_before = (home / "appliance.env").read_text()
 
-    # No overrides: ports and secrets come back from appliance.env.
-    second = start_datastores(load_settings(home, environment="test"))
+    # No overrides: ports and secrets come back from appliance.env. Memory settings given on this
+    # start reach Postgres (the managed file is rewritten at each start and read last).
+    second = start_datastores(
+        load_settings(home, environment="test", pg_shared_buffers="48MB", pg_work_mem="12MB")
+    )
     try:
         s2 = second.settings
+        with owner_conn(s2) as conn:
+            assert row(conn, "SHOW shared_buffers") == ("48MB",)
+            assert row(conn, "SHOW work_mem") == ("12MB",)
         assert (s2.pg_port, s2.redis_port) == (s1.pg_port, s1.redis_port)
         for field in ("pg_superuser_password", "pg_owner_password", "pg_app_password", "redis_password"):
             assert getattr(s1, field).get_secret_value() == getattr(s2, field).get_secret_value()

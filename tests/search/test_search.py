@@ -245,3 +245,53 @@ async def test_fulltext_function_is_scoped_like_the_policy(corpus: Corpus, setti
         assert {r[0] for r in conn.execute(call)} == {corpus.ids["boiler"]}
         conn.execute("SELECT set_config('app.tenant_id', '', false)")
         assert conn.execute(count).fetchone()[0] == 0
+
+
+async def test_fulltext_scores_are_bm25_recomputed_independently(corpus: Corpus, settings) -> None:  # type: ignore[no-untyped-def]
+    """`app_fulltext_ranked`'s scores equal BM25 (k1 1.2, b 0.75; idf over all the tenant's chunks; a
+    chunk's length is its number of distinct lexemes, tf its positions of the lexeme) computed here from
+    the tenant's tsvectors, for a query whose words all fit the candidate budget (fraction 1.0)."""
+    import math
+
+    import psycopg
+
+    from tests.api.test_auth import owner_conninfo
+
+    query = "heating boiler travel receipts"
+    with psycopg.connect(owner_conninfo(settings), autocommit=True) as conn:
+        conn.execute("SELECT set_config('app.tenant_id', %s, false)", (str(corpus.tenant.id),))
+        got = conn.execute(
+            "SELECT id, rank FROM app_fulltext_ranked(%s, 100, 1.0, 500, 20000,"
+            " NULL, NULL, NULL, NULL, NULL, NULL)",
+            (query,),
+        ).fetchall()
+        terms = [
+            r[0]
+            for r in conn.execute("SELECT unnest(tsvector_to_array(to_tsvector('english', %s)))", (query,))
+        ]
+        chunks = conn.execute(
+            "SELECT c.id, d.status = 'active', length(c.tsv),"
+            " (SELECT array_agg(ARRAY[t.lexeme, coalesce(cardinality(t.positions), 1)::text])"
+            "  FROM unnest(c.tsv) t)"
+            " FROM chunks c JOIN documents d ON d.id = c.document_id WHERE c.tenant_id = %s",
+            (corpus.tenant.id,),
+        ).fetchall()
+    tf = {cid: {lex: int(n) for lex, n in pairs} for cid, _, _, pairs in chunks}
+    n = len(chunks)
+    avg_len = sum(length for _, _, length, _ in chunks) / n
+    df = {t: sum(1 for c in tf.values() if t in c) for t in terms}
+    want = {}
+    for cid, active, length, _ in chunks:
+        score = 0.0
+        for t in terms:
+            f = tf[cid].get(t)
+            if f:
+                idf = math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5))
+                score += idf * f * 2.2 / (f + 1.2 * (0.25 + 0.75 * length / avg_len))
+        if active and score:
+            want[cid] = score
+    assert len(want) >= 2
+    assert {cid for cid, _ in got} == set(want)
+    for cid, rank in got:
+        assert rank == pytest.approx(want[cid], rel=1e-5)
+    assert [r for _, r in got] == sorted((r for _, r in got), reverse=True)
