@@ -1,7 +1,7 @@
 """Raw embedding throughput of the shipped embedding model on this machine, and chunking speed.
 
     .venv/bin/python bench/embed_throughput.py [--passages 32] [--rounds 3] [--threads 2,1] [--procs 2]
-        [--batch-ctx 512,2048] [--flash on,off] [--pages 100]
+        [--batch-ctx 512,2048] [--flash on,off] [--pages 100] [--contention 0.1,0.2]
         [--corpus /work/shared/data/scifact/corpus.jsonl]
 
 Passages are ~250-token runs of real English (SciFact abstracts, when the corpus is there; a built-in
@@ -13,7 +13,10 @@ each with llama.cpp's flash attention on and off (`LlamaEmbedder` defaults to on
 Configurations run interleaved, `--rounds` times, and the median is printed (the machine is noisy:
 compare ratios within one run). Tokens are the passage's own tokens, without [CLS]/[SEP]. With
 `--procs N` (default: the CPU count) it also times N processes with a 1-thread model each, embedding at
-the same time: the alternative to one process with N threads.
+the same time: the alternative to one process with N threads. With `--contention 0.1,0.2` it times the
+first one-per-call configuration again while another process keeps that share of one core busy (a
+busy loop for that fraction of every 10 ms): what the rest of an ingest pipeline (Postgres, the API,
+parsers) costs the decode on a small machine. Each contended round is paired with an uncontended one.
 
 Then it chunks a `--pages`-page document (the same text with title lines and page spans) with
 `chunk_text` and prints its speed next to the embedding speed, so the ingest benchmark can tell how
@@ -147,6 +150,38 @@ def time_processes(texts: list[str], procs: int, rounds: int) -> float:
     return wall
 
 
+def _burn(share: float, stop: Any) -> None:
+    """Keep one core busy for `share` of every 10 ms until `stop` is set."""
+    period = 0.01
+    while not stop.is_set():
+        start = time.perf_counter()
+        while time.perf_counter() - start < share * period:
+            pass
+        time.sleep((1 - share) * period)
+
+
+def time_contended(fn: Callable[[], Any], share: float, rounds: int) -> tuple[float, float]:
+    """Median seconds of `fn` alone and with another process burning `share` of a core, in pairs."""
+    ctx = mp.get_context("spawn")
+    alone, contended = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        alone.append(time.perf_counter() - start)
+        stop = ctx.Event()
+        burner = ctx.Process(target=_burn, args=(share, stop))
+        burner.start()
+        try:
+            time.sleep(0.3)  # the interpreter has started and is burning
+            start = time.perf_counter()
+            fn()
+            contended.append(time.perf_counter() - start)
+        finally:
+            stop.set()
+            burner.join()
+    return statistics.median(alone), statistics.median(contended)
+
+
 def max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for va, vb in zip(a, b, strict=True) for x, y in zip(va, vb, strict=True))
 
@@ -168,6 +203,9 @@ def main() -> None:
     )
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     ap.add_argument("--pages", type=int, default=100, help="pages of the chunking test document (0: skip)")
+    ap.add_argument(
+        "--contention", default="", help="comma-separated shares of one core another process keeps busy"
+    )
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
     flash_modes = [m.strip() == "on" for m in args.flash.split(",") if m.strip()]
@@ -236,6 +274,19 @@ def main() -> None:
         print(f"{name:<46}{n / wall:>10.2f}{procs * args.rounds * tokens / wall:>10.0f}   (all together)")
     best = max(speed, key=lambda k: speed[k])
     print(f"fastest: {best}; load average after: {os.getloadavg()[0]:.2f}")
+
+    shares = [float(x) for x in args.contention.split(",") if x.strip()]
+    if shares:
+        name = next(iter(configs))
+        print(f"\nunder contention ({name.strip()}; another process busy for a share of one core):")
+        head = ("share of a core", "of the machine", "tokens/s alone", "contended", "ratio")
+        print(f"{head[0]:<18}{head[1]:>16}{head[2]:>16}{head[3]:>11}{head[4]:>7}")
+        for share in shares:
+            alone, contended = time_contended(configs[name], share, args.rounds)
+            print(
+                f"{share:<18.2f}{share / available_cpus():>16.2f}{tokens / alone:>16.0f}"
+                f"{tokens / contended:>11.0f}{alone / contended:>7.2f}"
+            )
 
     if args.pages > 0:
         doc, spans = make_document(args.corpus, args.pages)

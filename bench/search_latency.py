@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/search_latency.py --chunks 100000 [--chunks 1000000] [--queries 200]
         [--concurrency 1,8] [--ef-search 40,100] [--ef-curve 10,20,40,64,100,200]
-        [--real-queries 100] [--fulltext-queries N] [--exact-check 10] [--api-workers N] [--m M]
-        [--ef-construction N] [--build-workers N] [--curve-only] [--seed 1] [--keep-home | --home DIR]
+        [--real-queries 100] [--fulltext-queries N] [--paced-ms 7] [--exact-check 10] [--api-workers N]
+        [--m M] [--ef-construction N] [--build-workers N] [--curve-only] [--seed 1] [--keep-home | --home DIR]
 
 Starts `appliance up --detach` in a throw-away home on free loopback ports (as bench/ingest.py does;
 always `appliance down` at the end, also on errors, Ctrl-C and SIGTERM; the home is removed unless
@@ -80,6 +80,11 @@ clients, each with its own connection, every query once):
     HTTP ..., real text          short English questions never seen before: the API embeds them with
                                  MiniLM (the embedding's cost; recall does not apply)
     pg direct (again)            the baseline once more: how much the machine drifted meanwhile
+    pg direct, N ms idle before  (concurrency 1, --paced-ms, default 7) the baseline with the client
+      each                       idle N ms (untimed) before each query, as the API's database
+                                 connection idles while the API's Python works (~7 ms a search on
+                                 this VM): an idle vCPU here makes the next query ~1.5 ms slower
+                                 (halted vCPU, cold caches), which the back-to-back baseline never pays
 
 The HTTP and route paths get exactly the synthetic vector without embedding anything: before each
 run the query-embedding cache (QEMB_KEY in appliance/search/service.py: the query text's sha256 ->
@@ -492,10 +497,13 @@ async def run_pass(
     open_worker: Callable[[], Awaitable[Any]],
     close_worker: Callable[[Any], Awaitable[None]],
     call: Callable[[Any, int], Awaitable[tuple[Any, ...]]],
+    *,
+    pause_s: float = 0.0,
 ) -> PassResult:
     """Every item 0 .. n-1 once, by `concurrency` workers; each latency is one call's round trip.
     `call` returns (ids, cached) or (ids, cached, done_at): when the answer was in (perf_counter), if
-    checking it afterwards (decoding JSON) is not part of the latency."""
+    checking it afterwards (decoding JSON) is not part of the latency. `pause_s`: an untimed pause
+    before each call."""
     workers = [await open_worker() for _ in range(concurrency)]
     res = PassResult(name, concurrency, [], 0.0)
     todo = list(range(n - 1, -1, -1))
@@ -503,6 +511,8 @@ async def run_pass(
     async def loop(w: Any) -> None:
         while todo:
             i = todo.pop()
+            if pause_s:
+                await asyncio.sleep(pause_s)
             t0 = time.perf_counter()
             try:
                 out = await call(w, i)
@@ -927,6 +937,7 @@ async def pass_direct(
     name: str = "pg direct",
     *,
     knn_only: bool = False,
+    pause_s: float = 0.0,
 ) -> PassResult:
     """The statement the API sends for a vector search (`knn_statement(..., with_rows=True)`: the
     k-NN, each hit's row and the tenant's wrapped key), as the application role under row-level
@@ -955,7 +966,7 @@ async def pass_direct(
         sims[i] = [1.0 - float(r.distance) for r in rows]
         return [int(r.id) for r in rows], False
 
-    res = await run_pass(name, len(queries.texts), conc, open_worker, close, call)
+    res = await run_pass(name, len(queries.texts), conc, open_worker, close, call, pause_s=pause_s)
     res.sims = sims
     return res
 
@@ -1140,6 +1151,9 @@ async def measure(
     for conc in args.concurrency:
         out.append(await pass_direct(ctx, queries, ef, conc))
         out.append(await pass_direct(ctx, queries, ef, conc, name=KNN_ONLY, knn_only=True))
+        if conc == 1 and args.paced_ms:
+            name = f"pg direct, {args.paced_ms:g} ms idle before each"
+            out.append(await pass_direct(ctx, queries, ef, conc, name=name, pause_s=args.paced_ms / 1000))
         out.append(await pass_service(ctx, queries, ef, conc))
         out.append(await pass_route(ctx, queries, conc, audited=False))
         out.append(await pass_route(ctx, queries, conc))
@@ -1387,6 +1401,9 @@ def main() -> None:
         help="only the first N queries for hybrid/fulltext (0: all)",
     )
     ap.add_argument("--real-queries", type=int, default=100, help="real-text queries per pass (0: none)")
+    ap.add_argument(
+        "--paced-ms", type=float, default=7.0, help="idle before each query of the paced direct row (0: none)"
+    )
     ap.add_argument(
         "--exact-check", type=int, default=10, help="queries whose exact top 10 Postgres also computes"
     )
