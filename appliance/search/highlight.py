@@ -3,7 +3,8 @@
 Chunk text is sealed at rest, so Postgres cannot run `ts_headline` on it without a second round trip
 carrying the decrypted text back (it cost 2.4 ms of a search here, more than the k-NN query itself).
 This does the same job in the API process: words are compared by their Snowball English stem (the
-`english` text-search configuration's stemmer, from the `snowballstemmer` package) and Postgres's
+`english` text-search configuration's stemmer: `snowballstemmer`, which runs PyStemmer's C build of
+Snowball when it is installed, as the appliance's dependencies make sure) and Postgres's
 English stop words are never marked, so what is highlighted is what the full-text index matches.
 Fragments follow ts_headline's options as the service used them (MaxWords 45, MinWords 20,
 MaxFragments 2, " … " between fragments); the output is HTML-escaped apart from the <mark> tags.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import html
 import re
+import threading
 from functools import lru_cache
 
 import snowballstemmer
@@ -35,13 +37,21 @@ _ENGLISH_STOP = """i me my myself we our ours ourselves you your yours yourself 
     t can will just don should now"""
 STOP_WORDS = frozenset(_ENGLISH_STOP.split())
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")  # a word, with inner apostrophes (don't, o'clock)
-_stemmer = snowballstemmer.stemmer("english")
+_local = threading.local()  # a stemmer keeps state while it works: one per thread
+
+
+def english_stemmer() -> object:
+    """This thread's Snowball English stemmer (PyStemmer's C one when installed)."""
+    stemmer = getattr(_local, "stemmer", None)
+    if stemmer is None:
+        stemmer = _local.stemmer = snowballstemmer.stemmer("english")
+    return stemmer
 
 
 @lru_cache(maxsize=65536)
 def stem(word: str) -> str:
     """The lower-cased word's Snowball English stem (what `to_tsvector('english', …)` indexes)."""
-    return str(_stemmer.stemWord(word.lower()))
+    return str(english_stemmer().stemWord(word.lower()))  # type: ignore[attr-defined]
 
 
 def query_stems(query: str) -> frozenset[str]:

@@ -46,3 +46,33 @@ def test_without_a_match_the_snippet_is_the_start_of_the_text() -> None:
     snippet = highlight(text, "vaccine")
     assert snippet.startswith("w0 w1 w2") and len(snippet.split()) == MIN_WORDS and "<mark>" not in snippet
     assert highlight("", "vaccine") == ""
+
+
+def test_the_c_stemmer_is_used_per_thread_and_stems_as_snowball_does() -> None:
+    """PyStemmer (C) gives exactly the pure-Python Snowball English stems; each thread has its own."""
+    import threading
+
+    from snowballstemmer.english_stemmer import EnglishStemmer
+
+    from appliance.search.highlight import english_stemmer
+
+    mine = english_stemmer()
+    assert type(mine).__module__ == "Stemmer"  # the dependency is installed and picked up
+    assert english_stemmer() is mine
+    other: list[object] = []
+    thread = threading.Thread(target=lambda: other.append(english_stemmer()))
+    thread.start()
+    thread.join()
+    assert other[0] is not mine
+    reference = EnglishStemmer()
+    words = PROSE.lower().replace(".", " ").replace(";", " ").split() + [
+        "generously",
+        "organization",
+        "running",
+        "flies",
+        "dying",
+        "skies",
+        "news",
+        "proceeding",
+    ]
+    assert [mine.stemWord(w) for w in words] == [reference.stemWord(w) for w in words]  # type: ignore[attr-defined]
