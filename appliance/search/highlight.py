@@ -17,6 +17,7 @@ import html
 import re
 import threading
 from functools import lru_cache
+from typing import Any
 
 import snowballstemmer
 
@@ -40,7 +41,7 @@ _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")  # a word, with inner apostroph
 _local = threading.local()  # a stemmer keeps state while it works: one per thread
 
 
-def english_stemmer() -> object:
+def english_stemmer() -> Any:
     """This thread's Snowball English stemmer (PyStemmer's C one when installed)."""
     stemmer = getattr(_local, "stemmer", None)
     if stemmer is None:
@@ -51,7 +52,7 @@ def english_stemmer() -> object:
 @lru_cache(maxsize=65536)
 def stem(word: str) -> str:
     """The lower-cased word's Snowball English stem (what `to_tsvector('english', …)` indexes)."""
-    return str(english_stemmer().stemWord(word.lower()))  # type: ignore[attr-defined]
+    return str(english_stemmer().stemWord(word.lower()))
 
 
 def query_stems(query: str) -> frozenset[str]:
