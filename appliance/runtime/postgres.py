@@ -246,7 +246,9 @@ def write_config(settings: Settings, ident: ServiceIdentity) -> None:
             "unix_socket_permissions = 0700",
             "shared_preload_libraries = 'vector'",
             "password_encryption = 'scram-sha-256'",
-            "# Memory: APPLIANCE_PG_SHARED_BUFFERS and friends, or sized from this machine's memory.",
+            "# Memory: APPLIANCE_PG_SHARED_BUFFERS and friends, or sized from this machine's memory. This",
+            "# file is read after postgresql.conf, so set these four there through those variables (or",
+            "# ALTER SYSTEM, which Postgres reads last).",
             *memory,
             "",
         ]
