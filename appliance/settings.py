@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -343,6 +343,17 @@ def load_settings(home: Path | None = None, **overrides: Any) -> Settings:
     if home is not None:
         kwargs.setdefault("home", home)
     return Settings(_env_file=env_file if env_file.exists() else None, **kwargs)
+
+
+def invalid_settings_line(exc: ValidationError) -> str:
+    """One line for a `Settings` validation error: the first bad setting, by its environment
+    variable, and why (the CLI's message; pydantic's own text spans several lines)."""
+    errors = exc.errors()
+    first = errors[0]
+    field = ".".join(str(part) for part in first["loc"])
+    where = f"APPLIANCE_{field.upper()}" if field else "settings"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"invalid settings: {where}: {first['msg']}{more}"
 
 
 @lru_cache

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
+from pydantic import ValidationError
 
 from appliance.cli import audit as audit_cli
 from appliance.cli import backup as backup_cli
@@ -15,6 +18,8 @@ from appliance.cli import models as models_cli
 from appliance.cli import reindex as reindex_cli
 from appliance.cli import server as server_cli
 from appliance.cli import tenants as tenants_cli
+from appliance.cli._common import err_console
+from appliance.settings import Settings, invalid_settings_line
 
 app = typer.Typer(
     name="appliance",
@@ -40,7 +45,17 @@ app.command("restore")(backup_cli.restore)
 
 
 def main() -> None:
-    app()
+    """The `appliance` command. A setting that does not validate (environment or appliance.env) is one
+    line and exit 1 in every command, wherever the command first reads the settings."""
+    try:
+        app()
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:
+            raise
+        err_console.print(
+            f"[bold red]error:[/] {invalid_settings_line(exc)}", highlight=False, soft_wrap=True
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
 from appliance.cli._common import console, err_console, fail, print_json
@@ -28,7 +29,7 @@ from appliance.runtime.supervisor import (
     state_file,
     stop_running,
 )
-from appliance.settings import PROJECT_ROOT, Settings, load_settings
+from appliance.settings import PROJECT_ROOT, Settings, invalid_settings_line, load_settings
 
 NOT_ALL_RUNNING = 3
 
@@ -49,6 +50,8 @@ def _settings() -> Settings:
         return load_settings()
     except PermissionError as exc:
         fail(f"cannot read {exc.filename}: run as root or as the service user")
+    except ValidationError as exc:
+        fail(invalid_settings_line(exc))
     except ValueError as exc:
         fail(f"invalid settings: {str(exc).splitlines()[0]}")
 

@@ -64,6 +64,22 @@ def test_cli_errors_are_one_line_and_nonzero(settings: Settings) -> None:
         assert len(lines) == 1 and needle in lines[0], (args, out.stderr)
 
 
+def test_an_invalid_setting_is_one_line_naming_its_variable_in_every_command(settings: Settings) -> None:
+    env = {**os.environ, "APPLIANCE_HOME": str(settings.home), "COLUMNS": "200"}
+    for args in (("status",), ("tenants", "list"), ("audit", "verify")):
+        out = subprocess.run(
+            [sys.executable, "-m", "appliance.cli.main", *args],
+            capture_output=True,
+            text=True,
+            env={**env, "APPLIANCE_PG_SHARED_BUFFERS": "2G"},
+            timeout=120,
+        )
+        assert out.returncode == 1, (args, out.stderr)
+        lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1, (args, out.stderr)
+        assert "APPLIANCE_PG_SHARED_BUFFERS" in lines[0] and "'2G' is not a Postgres memory size" in lines[0]
+
+
 def test_audit_verify_cli(settings: Settings) -> None:
     out = run_cli(settings, "audit", "verify", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
