@@ -1,8 +1,8 @@
 """Edge limits on every request, before any route runs (pure ASGI: streams pass through untouched).
 
 - The header block (request target and headers) is at most `max_header_bytes`: 431 `headers_too_large`.
-  The HTTP server bounds it first (appliance.runtime.uvicorn: h11 with the same limit); this check keeps
-  the promise in-process too, whatever server runs the app.
+  The HTTP server bounds it first (appliance.runtime.uvicorn refuses a head still incomplete past
+  the limit); this check is exact, and keeps the promise in-process whatever server runs the app.
 - Request bodies other than uploads (JSON) are at most `max_json_body_bytes`: 413 `body_too_large`, at
   once from Content-Length, or as soon as a chunked body passes the limit. Uploads have their own
   streaming limit (`max_upload_bytes`, 413 `payload_too_large`).

@@ -815,9 +815,9 @@ class Context:
     redis: Any
 
     def knn_params(self, vector: np.ndarray, limit: int) -> dict[str, Any]:
-        from appliance.search.service import vector_literal
+        from appliance.search.service import vector_param
 
-        return {"q": vector_literal(vector.tolist()), "model": self.model, "n": limit}
+        return {"q": vector_param(np.asarray(vector, dtype="=f4").tobytes()), "model": self.model, "n": limit}
 
     def prefill(self, queries: Queries) -> None:
         """Put each synthetic query's vector in the query-embedding cache, where `embed_query` looks

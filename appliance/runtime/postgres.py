@@ -244,7 +244,10 @@ def write_config(settings: Settings, ident: ServiceIdentity) -> None:
             f"port = {settings.pg_port}",
             f"unix_socket_directories = '{settings.run_dir}'",
             "unix_socket_permissions = 0700",
-            "shared_preload_libraries = 'vector'",
+            # pg_prewarm's autoprewarm: the blocks in shared_buffers are listed every 5 minutes and at
+            # shutdown, and read back at start, so a restart does not leave the HNSW index and the hot
+            # rows to be faulted in by the first searches.
+            "shared_preload_libraries = 'vector, pg_prewarm'",
             "password_encryption = 'scram-sha-256'",
             "# Memory: APPLIANCE_PG_SHARED_BUFFERS and friends, or sized from this machine's memory. This",
             "# file is read after postgresql.conf, so set these four there through those variables (or",

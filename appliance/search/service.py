@@ -29,6 +29,8 @@ import contextlib
 import hashlib
 import html
 import json
+import struct
+import sys
 import uuid
 from array import array
 from collections.abc import Sequence
@@ -36,6 +38,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import psycopg
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -102,7 +107,7 @@ async def embed_query(
     model: str | None = None,
     *,
     cached: bytes | None = _NOT_FETCHED,
-) -> list[float]:
+) -> array[float]:
     """The query's vector by `model` (default: the settings' one), from the per-tenant cache if seen.
     `cached`: the cache entry when the caller already read it (see `rank`)."""
     from appliance.inference.embedding import loaded_embedder
@@ -115,7 +120,7 @@ async def embed_query(
             cached = await _redis_get(svc, qemb_key(tenant_id, embedder.name, query))
         if cached is not None and len(cached) == 4 * embedder.dimensions:
             metrics.SEARCH_CACHE.labels("embedding", "hit").inc()
-            return array("f", cached).tolist()
+            return array("f", cached)
         metrics.SEARCH_CACHE.labels("embedding", "miss").inc()
     n = embedder.count_tokens(query)
     if n > embedder.max_tokens:
@@ -125,10 +130,10 @@ async def embed_query(
         )
     if n == 0:
         raise AppError("The query has no searchable text.", code="query_empty", status=422)
-    vector: list[float] = (await anyio.to_thread.run_sync(embedder.embed, [query]))[0]
+    vector = array("f", (await anyio.to_thread.run_sync(embedder.embed, [query]))[0])
     if svc.redis is not None:
         key = qemb_key(tenant_id, embedder.name, query)
-        _redis_set_later(svc, key, array("f", vector).tobytes(), QEMB_TTL_S)
+        _redis_set_later(svc, key, vector.tobytes(), QEMB_TTL_S)
     return vector
 
 
@@ -262,12 +267,34 @@ def search_server_settings(settings: Settings) -> dict[str, str]:
     return {"hnsw.ef_search": str(settings.search_hnsw_ef_search), "hnsw.iterative_scan": "relaxed_order"}
 
 
-def vector_literal(vector: Sequence[float]) -> str:
-    return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
+class VectorParam(bytes):
+    """A pgvector value in pgvector's binary wire format, sent by psycopg as is: exact float32s, no
+    text to format here or parse there (0.1 ms of a search). Untyped on the wire, so the statement
+    casts it (`CAST(:q AS vector)`: Postgres then receives it with vector_recv)."""
+
+
+class _VectorParamDumper(Dumper):
+    format = Format.BINARY
+
+    def dump(self, obj: Any) -> bytes:
+        return bytes(obj)
+
+
+psycopg.adapters.register_dumper(VectorParam, _VectorParamDumper)
+
+
+def vector_param(vector: Sequence[float] | bytes) -> VectorParam:
+    """`vector` (floats, or float32s in this machine's byte order) as a `VectorParam`."""
+    if isinstance(vector, array) and vector.typecode == "f":
+        vector = vector.tobytes()
+    values = array("f", vector)  # a copy (from bytes: their float32s as they are)
+    if sys.byteorder == "little":
+        values.byteswap()
+    return VectorParam(struct.pack(">HH", len(values), 0) + values.tobytes())
 
 
 def knn_statement(
-    vector: Sequence[float],
+    vector: Sequence[float] | bytes,
     model: str,
     filters: SearchFilters | None,
     limit: int,
@@ -278,7 +305,7 @@ def knn_statement(
     the index scan (filters inside it: iterative scans keep walking the graph when they are selective);
     `with_rows` adds each hit's row (`ROW_COLUMNS`, what `materialize` needs), hits whose version was
     deleted left out."""
-    params: dict[str, Any] = {"q": vector_literal(vector), "model": model, "n": limit}
+    params: dict[str, Any] = {"q": vector_param(vector), "model": model, "n": limit}
     where = _filter_sql(filters, params)
     knn = f"""
             WITH hits AS MATERIALIZED (

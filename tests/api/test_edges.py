@@ -135,13 +135,93 @@ def test_api_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch)
     assert all(new.plaintext.encode() not in (a, b) for a, b in calls)
 
 
-def test_api_worker_bounds_headers_and_connections(settings: Settings) -> None:
+def test_api_worker_bounds_headers_and_connections() -> None:
     kwargs = worker.config_kwargs()
-    assert kwargs["http"] == "h11"  # httptools puts no bound on the header block
-    assert kwargs["h11_max_incomplete_event_size"] >= settings.max_header_bytes
+    assert kwargs["http"] is worker.BoundedHttpToolsProtocol
     assert kwargs["limit_concurrency"] == worker.MAX_CONNECTIONS_PER_WORKER
     import inspect
 
     from appliance.runtime import supervisor
 
     assert "appliance.runtime.uvicorn.ApplianceWorker" in inspect.getsource(supervisor)
+
+
+class _SmallHead(worker.BoundedHttpToolsProtocol):
+    head_limit = 4096
+
+
+async def _echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    assert scope["type"] == "http"
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = f"{scope['method']} {scope['path']} {size}".encode()
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode().split("\r\n")
+    fields = dict(line.lower().split(": ", 1) for line in head[1:] if line)
+    body = await asyncio.wait_for(reader.readexactly(int(fields["content-length"])), 10)
+    return int(head[0].split()[1]), fields, body
+
+
+async def test_api_server_bounds_the_request_head() -> None:
+    """The API's HTTP protocol (httptools) refuses a head that keeps growing past its limit with 431
+    problem+json and closes the connection, before the client has finished sending it; requests
+    within the limit, keep-alive and pipelined ones after a large body, are served."""
+    import json
+
+    import uvicorn
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    config = uvicorn.Config(
+        _echo_app, host="127.0.0.1", port=port, http=_SmallHead, lifespan="off", log_level="error"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(1000):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 3000 + b"\r\n\r\n")
+        assert (await _read_response(reader))[::2] == (200, b"GET /a 0")
+        # Pipelined in one write: a 200 KB body, then the next request; no head is over the limit.
+        big = b"b" * 200_000
+        writer.write(
+            b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big)
+            + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        assert (await _read_response(reader))[::2] == (200, b"POST /up 200000")
+        assert (await _read_response(reader))[::2] == (200, b"GET /next 0")
+        # A header that never ends, sent 1 KB at a time: refused once the head passes 4096 bytes.
+        writer.write(b"GET /b HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+        answer = asyncio.create_task(_read_response(reader))
+        sent = 0
+        while sent < 64_000 and not answer.done():
+            writer.write(b"p" * 1024)
+            await writer.drain()
+            sent += 1024
+            await asyncio.sleep(0.005)
+        refused = await answer if answer.done() else answer.cancel() and None
+        assert refused is not None, "the server kept reading a head of 64 KB"
+        status, fields, body = refused
+        assert status == 431 and fields["content-type"] == "application/problem+json"
+        assert fields["connection"] == "close"
+        assert json.loads(body)["code"] == "headers_too_large"
+        assert sent <= 4096 + 3 * 1024
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed
+        writer.close()
+    finally:
+        server.should_exit = True
+        await task

@@ -194,7 +194,7 @@ def test_commands_match_the_code(gpu_config: dict[str, Any]) -> None:
     assert "--appendonly yes" in redis["command"][-1] and "requirepass" in redis["command"][-1]
     assert "REDISCLI_AUTH" in redis["healthcheck"]["test"][1]
     assert svcs["postgres"]["image"].startswith("pgvector/pgvector:")
-    assert "shared_preload_libraries=vector" in svcs["postgres"]["command"]
+    assert "shared_preload_libraries=vector,pg_prewarm" in svcs["postgres"]["command"]
     # Sized for the container's memory limit: a quarter of it as shared buffers.
     limit = svcs["postgres"]["deploy"]["resources"]["limits"]["memory"]
     assert "shared_buffers=2GB" in svcs["postgres"]["command"] and int(limit) == 8 * 2**30

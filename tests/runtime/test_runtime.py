@@ -152,6 +152,8 @@ def test_second_start_reuses_the_data_directory(home: Path) -> None:
         first.stop()
     key_before = s1.master_key_path.read_bytes()
     env_before = (home / "appliance.env").read_text()
+    # autoprewarm listed the cluster's buffers at shutdown, to read them back at the next start.
+    assert (s1.pg_data_dir / "autoprewarm.blocks").stat().st_size > 0
 
     # No overrides: ports and secrets come back from appliance.env. Memory settings given on this
     # start reach Postgres (the managed file is rewritten at each start and read last).
@@ -163,6 +165,7 @@ def test_second_start_reuses_the_data_directory(home: Path) -> None:
         with owner_conn(s2) as conn:
             assert row(conn, "SHOW shared_buffers") == ("48MB",)
             assert row(conn, "SHOW work_mem") == ("12MB",)
+            assert row(conn, "SHOW pg_prewarm.autoprewarm") == ("on",)
         assert (s2.pg_port, s2.redis_port) == (s1.pg_port, s1.redis_port)
         for field in ("pg_superuser_password", "pg_owner_password", "pg_app_password", "redis_password"):
             assert getattr(s1, field).get_secret_value() == getattr(s2, field).get_secret_value()
