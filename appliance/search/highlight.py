@@ -38,6 +38,7 @@ _ENGLISH_STOP = """i me my myself we our ours ourselves you your yours yourself 
     t can will just don should now"""
 STOP_WORDS = frozenset(_ENGLISH_STOP.split())
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")  # a word, with inner apostrophes (don't, o'clock)
+_TAIL = re.compile(r"(?:['’][^\W_]+)+")
 _local = threading.local()  # a stemmer keeps state while it works: one per thread
 
 
@@ -59,14 +60,46 @@ def query_stems(query: str) -> frozenset[str]:
     return frozenset(stem(w) for w in _WORD.findall(query) if w.lower() not in STOP_WORDS)
 
 
-def _candidates(stems: frozenset[str]) -> re.Pattern[str] | None:
+def _candidates(stems: frozenset[str], *, ignore_case: bool = False) -> re.Pattern[str] | None:
     """Words that could share one of `stems`: those starting with a stem's first two letters (Porter2
     trims endings and turns a final y into i, never touching the start), so most words of a chunk are
-    never stemmed."""
-    prefixes = sorted({re.escape(s[:2]) for s in stems if s})
-    if not prefixes:
+    never stemmed. Matched in lower-cased text (`ignore_case` for text whose lower case is longer).
+    The pattern begins with the prefixes, so the regex engine skips ahead to their first letters, and
+    checks that the prefix starts a word (no letter or digit before it) once it has matched; `_hits`
+    adds what follows an inner apostrophe."""
+    alternatives = []
+    for width in (2, 1):  # stems of one letter have a one-letter prefix
+        prefixes = sorted({re.escape(s[:2]) for s in stems if len(s[:2]) == width})
+        if prefixes:
+            # After the prefix, look back past it: the character before it is no letter or digit.
+            alternatives.append(f"(?:{'|'.join(prefixes)})(?<![^\\W_]{'.' * width})")
+    if not alternatives:
         return None
-    return re.compile(rf"(?<![^\W_])(?:{'|'.join(prefixes)})[^\W_]*(?:['’][^\W_]+)*", re.IGNORECASE)
+    flags = re.IGNORECASE if ignore_case else 0
+    return re.compile(rf"(?:{'|'.join(alternatives)})[^\W_]*", flags)
+
+
+def _hits(text: str, stems: frozenset[str]) -> list[tuple[int, int]]:
+    """Where `text` has a word (not a stop word) whose stem is one of `stems`: (start, end) offsets."""
+    haystack = text.lower()
+    # Lower-casing maps no character to fewer, so equal lengths mean the offsets agree.
+    pattern = _candidates(stems, ignore_case=len(haystack) != len(text))
+    if pattern is None:
+        return []
+    if pattern.flags & re.IGNORECASE:
+        haystack = text
+    hits: list[tuple[int, int]] = []
+    end = 0
+    for m in pattern.finditer(haystack):
+        start = m.start()
+        if start < end:  # inside the apostrophe tail of the word before
+            continue
+        tail = _TAIL.match(haystack, m.end())  # inner apostrophes: don't, o'clock
+        end = tail.end() if tail else m.end()
+        word = haystack[start:end]
+        if word.lower() not in STOP_WORDS and stem(word) in stems:
+            hits.append((start, end))
+    return hits
 
 
 # Fragment geometry in characters (about MinWords / MaxWords words of English prose).
@@ -78,13 +111,7 @@ _FIRST_WORDS = re.compile(rf"\s*(?:\S+\s+){{0,{MIN_WORDS - 1}}}\S+")
 def highlight(text: str, query: str, *, stems: frozenset[str] | None = None) -> str:
     """`text` (plain) as an HTML-safe snippet with the query's words in <mark>…</mark>."""
     stems = query_stems(query) if stems is None else stems
-    pattern = _candidates(stems)
-    hits = []
-    if pattern is not None:
-        for m in pattern.finditer(text):
-            word = m.group()
-            if word.lower() not in STOP_WORDS and stem(word) in stems:
-                hits.append((m.start(), m.end()))
+    hits = _hits(text, stems)
     if not hits:
         first = _FIRST_WORDS.match(text)
         return html.escape(first.group().strip() if first else text.strip(), quote=False)

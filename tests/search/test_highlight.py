@@ -19,6 +19,18 @@ def test_words_are_matched_by_stem_and_case_insensitively() -> None:
     assert "<mark>department</mark>" not in snippet
 
 
+def test_only_whole_words_are_marked_at_word_starts_in_any_script() -> None:
+    """A query word's letters inside another word are no match; a word after an apostrophe (when what
+    is before it is no candidate), an underscore or a hyphen starts one; inner apostrophes belong to
+    the word; and text whose lower case is longer than itself (Turkish dotted I) keeps its offsets."""
+    text = "Preprotein, ab'protein, don't_protein protein-rich PROTEIN's İstanbul istanbul"
+    snippet = highlight(text, "protein istanbul don't")
+    assert snippet == (
+        "Preprotein, ab'<mark>protein</mark>, <mark>don't</mark>_<mark>protein</mark> "
+        "<mark>protein</mark>-rich <mark>PROTEIN's</mark> İstanbul <mark>istanbul</mark>"
+    )  # "İstanbul" lower-cases to "i̇stanbul", another stem (as to_tsvector has it)
+
+
 def test_stop_words_in_the_query_mark_nothing() -> None:
     assert query_stems("the and of what is") == frozenset()
     assert "<mark>" not in highlight(PROSE, "the and of what is")
