@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
+from starlette.background import BackgroundTask
 
 from appliance.audit import service as audit
 from appliance.auth.deps import SessionDep, require
@@ -36,9 +37,15 @@ async def search(body: SearchRequest, session: SessionDep, principal: Viewer, sv
     """Search the caller's tenant: `vector`, `fulltext` or `hybrid` (reciprocal-rank fusion), with filters."""
     # The session is listed first: it authenticates inside the request's transaction (auth.deps).
     assert principal.tenant_id is not None  # require("viewer") admits tenant keys only
-    response = await service.search(svc, session, principal.tenant_id, body)
+    with service.deferred_cache_writes() as writes:
+        response = await service.search(svc, session, principal.tenant_id, body)
     audit.record(
         session, "search", resource_type="search", details=service.audit_details(body, response.results)
     )
     # Serialized by pydantic-core in one pass: FastAPI would dump, re-validate and dump it again.
-    return Response(response.model_dump_json(), media_type="application/json")
+    # The cache entries are written after the response has gone (and after the commit).
+    return Response(
+        response.model_dump_json(),
+        media_type="application/json",
+        background=BackgroundTask(service.write_cache, svc, writes),
+    )

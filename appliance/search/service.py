@@ -33,7 +33,8 @@ import struct
 import sys
 import uuid
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,14 +216,44 @@ async def _redis_set(svc: SearchServices, key: str, value: bytes | str, ttl: int
 
 
 _cache_writes: set[asyncio.Task[None]] = set()
+CacheWrite = tuple[str, bytes | str, int]  # key, value, ttl in seconds
+_deferred_writes: ContextVar[list[CacheWrite] | None] = ContextVar("search_cache_writes", default=None)
 
 
 def _redis_set_later(svc: SearchServices, key: str, value: bytes | str, ttl: int) -> None:
     """`_redis_set` without waiting for it: the request goes on while the cache entry is written
-    (sent at the request's next wait, so before any later request of this process can look for it)."""
+    (sent at the request's next wait, so before any later request of this process can look for it);
+    inside `deferred_cache_writes`, kept for `write_cache` instead."""
+    deferred = _deferred_writes.get()
+    if deferred is not None:
+        deferred.append((key, value, ttl))
+        return
     task = asyncio.get_running_loop().create_task(_redis_set(svc, key, value, ttl))
     _cache_writes.add(task)
     task.add_done_callback(_cache_writes.discard)
+
+
+@contextlib.contextmanager
+def deferred_cache_writes() -> Iterator[list[CacheWrite]]:
+    """Collect the cache writes of the searches in the block, for `write_cache` once the response has
+    been sent (the route's background task): they take no time from the request that makes them."""
+    writes: list[CacheWrite] = []
+    token = _deferred_writes.set(writes)
+    try:
+        yield writes
+    finally:
+        _deferred_writes.reset(token)
+
+
+async def write_cache(svc: SearchServices, writes: list[CacheWrite]) -> None:
+    """Write the collected entries in one round trip (a failure is a cache miss next time)."""
+    if not writes or svc.redis is None:
+        return
+    with contextlib.suppress(Exception):
+        pipe = svc.redis.pipeline(transaction=False)
+        for key, value, ttl in writes:
+            pipe.set(key, value, ex=ttl)
+        await pipe.execute()
 
 
 def invalidate(redis_client: Any, tenant_id: uuid.UUID) -> None:

@@ -295,3 +295,36 @@ async def test_fulltext_scores_are_bm25_recomputed_independently(corpus: Corpus,
     for cid, rank in got:
         assert rank == pytest.approx(want[cid], rel=1e-5)
     assert [r for _, r in got] == sorted((r for _, r in got), reverse=True)
+
+
+async def test_route_cache_writes_wait_for_the_response(settings) -> None:  # type: ignore[no-untyped-def]
+    """Inside `deferred_cache_writes` a search's cache entries are kept, not written; `write_cache`
+    (the route's background task, after the response) writes them all in one round trip."""
+    import asyncio
+    import uuid
+
+    import redis.asyncio as aredis
+
+    from appliance.keys.keyring import Keyring
+    from appliance.search import service
+
+    client = aredis.Redis.from_url(settings.redis_url)
+    svc = service.SearchServices(settings=settings, keyring=Keyring.from_settings(settings), redis=client)
+    keys = [f"appliance:test:deferred:{uuid.uuid4()}" for _ in range(2)]
+    try:
+        with service.deferred_cache_writes() as writes:
+            service._redis_set_later(svc, keys[0], b"one", 60)
+            service._redis_set_later(svc, keys[1], "two", 60)
+        await asyncio.sleep(0.05)  # an immediate write would have landed by now
+        assert await client.mget(keys) == [None, None]
+        assert [w[0] for w in writes] == keys
+        await service.write_cache(svc, writes)
+        assert await client.mget(keys) == [b"one", b"two"]
+        assert 0 < await client.ttl(keys[0]) <= 60
+        # Outside the block: written at once (searches made by answers and chat).
+        service._redis_set_later(svc, keys[0], b"three", 60)
+        await asyncio.sleep(0.05)
+        assert await client.get(keys[0]) == b"three"
+    finally:
+        await client.delete(*keys)
+        await client.aclose()
