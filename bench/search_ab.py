@@ -5,7 +5,8 @@
 
 Each variant is `NAME:VAR=VALUE,VAR=VALUE` (environment for `appliance up`; empty for none). A code
 change is compared by pointing PYTHONPATH at a git worktree of the other commit: the supervisor puts
-it first on every child's path. Per round, per variant in turn: `appliance up --detach`, a pause of
+it first on every child's path (the commands run in the home, not the checkout, whose directory
+`python -m` would put first). Per round, per variant in turn: `appliance up --detach`, a pause of
 `--settle` seconds (Postgres's autoprewarm reads its buffers back), `--warmup` searches untimed, then
 `--queries` searches over HTTP (one keep-alive connection, the bench's raw client), then the same
 statement directly in Postgres for the same query vectors (as `search_latency.py`'s "pg direct"),
@@ -141,11 +142,14 @@ def main() -> None:
     settings = load_settings(home=args.home, **{k: str(v) for k, v in state["ports"].items()})
     pooled: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name, _ in variants}
     pool: np.ndarray | None = None
-    subprocess.run([CLI, "down"], env=base, capture_output=True)
+    subprocess.run([CLI, "down"], env=base, capture_output=True, cwd=args.home)
     for rnd in range(args.rounds):
         for name, extra in variants:
             env = {**base, **extra}
-            up = subprocess.run([CLI, "up", "--detach", "--timeout", "300"], env=env, capture_output=True)
+            # Not from the checkout: `python -m` would put the working directory first on the path.
+            up = subprocess.run(
+                [CLI, "up", "--detach", "--timeout", "300"], env=env, capture_output=True, cwd=args.home
+            )
             if up.returncode:
                 raise SystemExit(f"appliance up failed ({name}):\n{up.stdout.decode()}{up.stderr.decode()}")
             try:
@@ -154,7 +158,7 @@ def main() -> None:
                     pool = sample_vectors(settings)
                 h, d = asyncio.run(measure(settings, state, pool, args, seed=rnd * 7919 + 1))
             finally:
-                subprocess.run([CLI, "down"], env=env, capture_output=True)
+                subprocess.run([CLI, "down"], env=env, capture_output=True, cwd=args.home)
             print(line(f"round {rnd} {name}", h, d), flush=True)
             pooled[name][0].extend(h)
             pooled[name][1].extend(d)
