@@ -10,9 +10,10 @@ it first on every child's path (the commands run in the home, not the checkout, 
 `--settle` seconds (Postgres's autoprewarm reads its buffers back), `--warmup` searches untimed, then
 `--queries` searches over HTTP (one keep-alive connection, the bench's raw client), then the same
 statement directly in Postgres for the same query vectors (as `search_latency.py`'s "pg direct"),
-then `appliance down`. The variants meet the same machine minutes, so an hour's speed (this VM's
-varies by up to 2x) does not decide the comparison: run at least 3 rounds and compare the pooled
-rows, printed last.
+then `appliance down`; the API workers' and Postgres's CPU time per HTTP search is read from /proc
+(less sensitive to the machine's speed of the hour than latency). The variants meet the same
+machine minutes, so an hour's speed (this VM's varies by up to 2x) does not decide the comparison:
+run at least 3 rounds and compare the pooled rows, printed last.
 
 Query vectors: stored chunk vectors (a random sample) plus N(0, 0.03^2) noise, normalised; query
 texts are unique, with their vectors put in the query-embedding cache first (nothing is embedded).
@@ -55,6 +56,20 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
     return name, dict(pairs)  # type: ignore[arg-type]
 
 
+def cpu_seconds(marker: str) -> float:
+    """CPU time (user + system) of the processes whose command line contains `marker`."""
+    total = 0.0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker not in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                continue
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def sample_vectors(settings: Settings, n: int = 4000) -> np.ndarray:
     with superuser_connect(settings) as conn:
         rows = conn.execute(
@@ -64,8 +79,14 @@ def sample_vectors(settings: Settings, n: int = 4000) -> np.ndarray:
 
 
 async def measure(
-    settings: Settings, state: dict, pool: np.ndarray, args: argparse.Namespace, seed: int
+    settings: Settings,
+    state: dict,
+    pool: np.ndarray,
+    args: argparse.Namespace,
+    seed: int,
+    cpu_ms: list[float],
 ) -> tuple[list[float], list[float]]:
+    """HTTP and direct latencies (ms); appends the API's and Postgres's CPU ms per HTTP search to `cpu_ms`."""
     import redis
 
     rng = np.random.default_rng(seed)
@@ -96,7 +117,10 @@ async def measure(
 
     for text in texts[: args.warmup]:
         await one(text)
+    api0, pg0 = cpu_seconds("appliance.api:create_app"), cpu_seconds("postgres")
     http_ms = [await one(text) for text in texts[args.warmup :]]
+    cpu_ms.append((cpu_seconds("appliance.api:create_app") - api0) * 1000 / len(http_ms))
+    cpu_ms.append((cpu_seconds("postgres") - pg0) * 1000 / len(http_ms))
     await http.close()
     url = settings.app_database_url.replace("postgresql+psycopg://", "postgresql://")
     direct_ms = []
@@ -112,11 +136,13 @@ async def measure(
     return http_ms, direct_ms
 
 
-def line(label: str, http_ms: list[float], direct_ms: list[float]) -> str:
+def line(label: str, http_ms: list[float], direct_ms: list[float], cpu_ms: list[float]) -> str:
     h50, h95, d50, d95 = pct(http_ms, 50), pct(http_ms, 95), pct(direct_ms, 50), pct(direct_ms, 95)
+    api, pg = float(np.mean(cpu_ms[0::2])), float(np.mean(cpu_ms[1::2]))
     return (
         f"{label}: HTTP p50 {h50:.2f} p95 {h95:.2f} | direct p50 {d50:.2f} p95 {d95:.2f} | "
-        f"gap p50 {h50 - d50:+.2f} p95 {h95 - d95:+.2f} (n {len(http_ms)})"
+        f"gap p50 {h50 - d50:+.2f} p95 {h95 - d95:+.2f} | CPU per search: API {api:.2f} ms, "
+        f"Postgres {pg:.2f} ms (n {len(http_ms)})"
     )
 
 
@@ -140,7 +166,9 @@ def main() -> None:
         APPLIANCE_TENANT_RATE_LIMIT_SEARCH="1000000/minute",
     )
     settings = load_settings(home=args.home, **{k: str(v) for k, v in state["ports"].items()})
-    pooled: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name, _ in variants}
+    pooled: dict[str, tuple[list[float], list[float], list[float]]] = {
+        name: ([], [], []) for name, _ in variants
+    }
     pool: np.ndarray | None = None
     subprocess.run([CLI, "down"], env=base, capture_output=True, cwd=args.home)
     for rnd in range(args.rounds):
@@ -156,14 +184,16 @@ def main() -> None:
                 time.sleep(args.settle)
                 if pool is None:
                     pool = sample_vectors(settings)
-                h, d = asyncio.run(measure(settings, state, pool, args, seed=rnd * 7919 + 1))
+                cpu: list[float] = []
+                h, d = asyncio.run(measure(settings, state, pool, args, seed=rnd * 7919 + 1, cpu_ms=cpu))
             finally:
                 subprocess.run([CLI, "down"], env=env, capture_output=True, cwd=args.home)
-            print(line(f"round {rnd} {name}", h, d), flush=True)
+            print(line(f"round {rnd} {name}", h, d, cpu), flush=True)
             pooled[name][0].extend(h)
             pooled[name][1].extend(d)
-    for name, (h, d) in pooled.items():
-        print(line(f"ALL {name}", h, d))
+            pooled[name][2].extend(cpu)
+    for name, (h, d, cpu) in pooled.items():
+        print(line(f"ALL {name}", h, d, cpu))
 
 
 if __name__ == "__main__":
