@@ -23,9 +23,9 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from fastapi import Request
@@ -113,15 +113,17 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 _SLIDING_WINDOWS = """
--- KEYS: per limit, its current and previous window's counter. ARGV: now (ms), then per limit: amount,
--- window (ms). Sliding-window counter: the previous window's count weighted by how much of it still
--- overlaps the sliding window, plus the current one's. All limits pass, then all are counted;
--- returns {0, i, reset_ms} when limit i refuses, else {1, remaining_1, reset_1, remaining_2, ...}.
+-- KEYS: per limit, its current and previous window's counter; then the keys to read (see `hit`).
+-- ARGV: now (ms), the number of limits, then per limit: amount, window (ms). Sliding-window counter:
+-- the previous window's count weighted by how much of it still overlaps the sliding window, plus the
+-- current one's. All limits pass, then all are counted; returns {0, i, reset_ms} when limit i refuses,
+-- else {1, remaining_1, reset_1, remaining_2, ..., value of each key to read (false: none)}.
 local now = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
 local out = {1}
-for i = 1, #KEYS / 2 do
-  local amount = tonumber(ARGV[2 * i])
-  local window = tonumber(ARGV[2 * i + 1])
+for i = 1, n do
+  local amount = tonumber(ARGV[2 * i + 1])
+  local window = tonumber(ARGV[2 * i + 2])
   local elapsed = now % window
   local prev = tonumber(redis.call('GET', KEYS[2 * i]) or '0')
   local cur = tonumber(redis.call('GET', KEYS[2 * i - 1]) or '0')
@@ -130,9 +132,12 @@ for i = 1, #KEYS / 2 do
   out[2 * i] = math.floor(amount - used - 1)
   out[2 * i + 1] = window - elapsed
 end
-for i = 1, #KEYS / 2 do
+for i = 1, n do
   redis.call('INCR', KEYS[2 * i - 1])
-  redis.call('PEXPIRE', KEYS[2 * i - 1], 2 * tonumber(ARGV[2 * i + 1]))
+  redis.call('PEXPIRE', KEYS[2 * i - 1], 2 * tonumber(ARGV[2 * i + 2]))
+end
+for k = 2 * n + 1, #KEYS do
+  out[#out + 1] = redis.call('GET', KEYS[k])
 end
 return out
 """
@@ -184,23 +189,27 @@ class Limiter:
             log.warning("rate-limit store unreachable: failing open", what=what, error=type(exc).__name__)
 
     # Rate limits -------------------------------------------------------------------------------
-    async def hit(self, principal: Principal, cls: RouteClass) -> Window | None:
+    async def hit(
+        self, principal: Principal, cls: RouteClass, read: Sequence[str] = ()
+    ) -> tuple[Window | None, list[bytes | None] | None]:
         """Count one request against the key's and the tenant's limits of `cls`.
 
-        Returns the tightest window (for the headers), None when nothing applies or Redis is down;
-        raises RateLimited when a limit is spent."""
+        Returns the tightest window (for the headers; None when nothing applies or Redis is down) and
+        the values of the `read` keys, read in the same round trip when a limit applies (None when
+        they were not read: no limit applies, or Redis is down). Raises RateLimited when a limit is
+        spent."""
         if not self.enabled or not self._available():
-            return None
+            return None, None
         checks: list[tuple[str, RateLimitItem, str]] = [
             ("key", item, f"key:{principal.key_id}") for item in self.per_key[cls]
         ]
         if principal.tenant_id is not None:
             checks += [("tenant", item, f"tenant:{principal.tenant_id}") for item in self.per_tenant[cls]]
         if not checks:
-            return None
+            return None, None
         now_ms = int(time.time() * 1000)
         keys: list[str] = []
-        args: list[int] = [now_ms]
+        args: list[int] = [now_ms, len(checks)]
         for _, item, ident in checks:
             window_ms = item.get_expiry() * 1000
             index = now_ms // window_ms
@@ -208,10 +217,10 @@ class Limiter:
             keys += [f"{base}:{index}", f"{base}:{index - 1}"]
             args += [item.amount, window_ms]
         try:
-            reply = await self._windows(keys=keys, args=args)
+            reply = await self._windows(keys=[*keys, *read], args=args)
         except (RedisError, OSError) as exc:
             self._storage_failed("rate_limit", exc)
-            return None
+            return None, None
         if not reply[0]:
             scope, item, _ = checks[int(reply[1]) - 1]
             metrics.RATE_LIMITED.labels(cls, scope).inc()
@@ -225,7 +234,8 @@ class Limiter:
             Window(item.amount, max(0, int(reply[1 + 2 * i])), math.ceil(int(reply[2 + 2 * i]) / 1000))
             for i, (_, item, _) in enumerate(checks)
         ]
-        return min(windows, key=lambda w: w.remaining)
+        values = reply[1 + 2 * len(checks) :]
+        return min(windows, key=lambda w: w.remaining), [v if isinstance(v, bytes) else None for v in values]
 
     # Concurrency quotas ------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -273,13 +283,29 @@ def limiter_of(request: Request) -> Limiter | None:
     return limiter
 
 
-async def enforce(request: Request, principal: Principal) -> None:
+ReadKeys = Callable[[Request, Principal, Any], Awaitable[list[str]]]
+_reads: dict[RouteClass, ReadKeys] = {}
+
+
+def read_with_limit(cls: RouteClass, keys: ReadKeys) -> None:
+    """Register `keys(request, principal, session)`: the Redis keys a request of class `cls` will read
+    first (a search: its cache entries). `enforce` reads them in the rate limit's round trip and
+    leaves them in `request.state.redis_reads` (key -> value); the route reads what is not there."""
+    _reads[cls] = keys
+
+
+async def enforce(request: Request, principal: Principal, session: Any = None) -> None:
     """Called once per authenticated request: count it, and show the window on the response
-    (RequestContextMiddleware adds `rate_limit_headers` from the request state)."""
+    (RequestContextMiddleware adds `rate_limit_headers` from the request state). `session`: the
+    request's transaction, when it authenticated in it (for `read_with_limit`'s keys)."""
     limiter = limiter_of(request)
     if limiter is None:
         return
     cls = route_class(request.method, request.url.path)
-    window = await limiter.hit(principal, cls)
+    reads = _reads.get(cls)
+    keys = await reads(request, principal, session) if reads is not None else []
+    window, values = await limiter.hit(principal, cls, keys)
     if window is not None:
         request.state.rate_limit_headers = window.headers()
+    if keys and values is not None:
+        request.state.redis_reads = dict(zip(keys, values, strict=True))

@@ -38,10 +38,11 @@ async def _principal(request: Request) -> Principal:
     return principal
 
 
-async def _admit(request: Request, principal: Principal) -> None:
+async def _admit(request: Request, principal: Principal, session: AsyncSession | None = None) -> None:
     actor_var.set(Actor("api_key", str(principal.key_id), principal.key_prefix))
     request.state.principal = principal
-    await enforce(request, principal)  # the one place rate limits are applied (appliance.ratelimit)
+    # The one place rate limits are applied (appliance.ratelimit).
+    await enforce(request, principal, session)
 
 
 async def _session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -57,7 +58,7 @@ async def _session(request: Request) -> AsyncIterator[AsyncSession]:
         async with db.transaction(tenant_id=principal.tenant_id if principal else None) as session:
             if principal is None:
                 principal = await authenticate(session, request.headers.get("authorization"))
-                await _admit(request, principal)
+                await _admit(request, principal, session)
                 authenticated = True
             yield session
     except AuthFailure as failure:

@@ -78,6 +78,20 @@ async def ingest_model(session: AsyncSession, settings: Settings) -> str:
 async def search_models(session: AsyncSession, settings: Settings) -> list[str]:
     """The models whose vectors search must query: the active one, and the target while re-indexing."""
     active, target = await state(session, settings)
+    return _models(active, target)
+
+
+def preread_search_models(session: AsyncSession, settings: Settings) -> list[str] | None:
+    """`search_models` from what authentication read with the key (no round trip, nothing consumed);
+    None when it read nothing."""
+    preread = session.info.get("embedding_state")
+    if preread is None:
+        return None
+    active, target = preread
+    return _models(active or default_model(settings), target)
+
+
+def _models(active: str, target: str | None) -> list[str]:
     return [active] if target is None or target == active else [target, active]
 
 

@@ -476,11 +476,29 @@ def _cache_digest(req: SearchRequest, model: str, settings: Settings) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
+def cache_keys(svc: SearchServices, tenant_id: uuid.UUID, req: SearchRequest, models: list[str]) -> list[str]:
+    """What a search reads from the cache first, in one round trip: the tenant's generation, this
+    request's cached result and (vector or hybrid, one model) the query's cached vector."""
+    keys = [
+        GEN_KEY.format(tenant=tenant_id),
+        RESULT_KEY.format(tenant=tenant_id, digest=_cache_digest(req, "+".join(models), svc.settings)),
+    ]
+    if req.mode != "fulltext" and len(models) == 1:
+        keys.append(qemb_key(tenant_id, models[0], req.query))
+    return keys
+
+
 async def rank(
-    svc: SearchServices, session: AsyncSession, tenant_id: uuid.UUID, req: SearchRequest
+    svc: SearchServices,
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    req: SearchRequest,
+    *,
+    reads: dict[str, bytes | None] | None = None,
 ) -> tuple[list[Ranked], str, bool]:
     """The ranked chunk ids for a request (top_k of them), the embedding model, and whether cached.
-    A vector search that runs (not cached) fetches its rows too (`Ranked.row`)."""
+    A vector search that runs (not cached) fetches its rows too (`Ranked.row`). `reads`: cache
+    entries already read for this request (the rate limit's round trip, appliance.ratelimit)."""
     s = svc.settings
     if req.rerank:
         raise RerankUnavailable(
@@ -494,12 +512,12 @@ async def rank(
     gen = "0"
     cached_vector = _NOT_FETCHED
     if svc.redis is not None:
-        # One round trip: the tenant's generation, this request's cached result, the query's vector.
-        key = RESULT_KEY.format(tenant=tenant_id, digest=_cache_digest(req, model, s))
-        wanted = [GEN_KEY.format(tenant=tenant_id), key]
-        if req.mode != "fulltext" and len(models) == 1:
-            wanted.append(qemb_key(tenant_id, models[0], req.query))
-        values = await _redis_mget(svc, wanted)
+        wanted = cache_keys(svc, tenant_id, req, models)
+        key = wanted[1]
+        if reads is not None and all(k in reads for k in wanted):
+            values: list[bytes | None] | None = [reads[k] for k in wanted]
+        else:
+            values = await _redis_mget(svc, wanted)
         if values is None:
             key = None  # no generation, no cache: never serve a result we cannot prove fresh
         else:
@@ -606,9 +624,14 @@ async def materialize(
 
 
 async def search(
-    svc: SearchServices, session: AsyncSession, tenant_id: uuid.UUID, req: SearchRequest
+    svc: SearchServices,
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    req: SearchRequest,
+    *,
+    reads: dict[str, bytes | None] | None = None,
 ) -> SearchResponse:
-    ranked, model, cached = await rank(svc, session, tenant_id, req)
+    ranked, model, cached = await rank(svc, session, tenant_id, req, reads=reads)
     results = await materialize(svc, session, tenant_id, ranked, req.query)
     return SearchResponse(query=req.query, mode=req.mode, model=model, cached=cached, results=results)
 

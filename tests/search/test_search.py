@@ -328,3 +328,43 @@ async def test_route_cache_writes_wait_for_the_response(settings) -> None:  # ty
     finally:
         await client.delete(*keys)
         await client.aclose()
+
+
+async def test_cache_entries_are_read_in_the_rate_limit_round_trip(
+    client: httpx.AsyncClient, corpus: Corpus, settings
+) -> None:  # type: ignore[no-untyped-def]
+    """With rate limits on, a search's cache reads (generation, result, query vector) ride in the rate
+    limit's script: no MGET of its own, and a repeated search is still served from the cache. With
+    rate limits off the search reads them itself."""
+    import redis.asyncio as aredis
+
+    from appliance.api import create_app
+    from tests.api.test_rate_limits import limited, running
+
+    redis = aredis.Redis.from_url(settings.redis_url)
+
+    async def calls(command: str) -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    try:
+        body = {"query": f"garden hose storage {new_id()}", "mode": "vector", "top_k": 3}
+        mget, evalsha = await calls("mget"), await calls("evalsha")
+        first = await search(client, corpus.tenant.key, **body)
+        again = await search(client, corpus.tenant.key, **body)
+        assert first.status_code == again.status_code == 200
+        assert not first.json()["cached"] and again.json()["cached"]
+        assert again.json()["results"] == first.json()["results"]
+        assert await calls("mget") == mget
+        assert await calls("evalsha") >= evalsha + 2
+        assert "ratelimit-remaining" in again.headers
+
+        unlimited = create_app(limited(settings, rate_limits_enabled=False))
+        async with running(unlimited) as (plain,):
+            mget = await calls("mget")
+            third = await search(plain, corpus.tenant.key, **body)
+            assert third.status_code == 200 and third.json()["cached"]
+            assert "ratelimit-remaining" not in third.headers
+            assert await calls("mget") == mget + 1
+    finally:
+        await redis.aclose()
