@@ -6,6 +6,8 @@ after authentication (appliance.auth.deps), so a new route is limited (as `defau
 ask for it. All of a request's limits are checked and counted by one Lua script, in one round trip:
 `limits`' own Redis strategy takes two per limit (hit, then the window for the headers), four per
 request, which measured 0.6 ms of API time on a 15 ms search. A refused request counts against none.
+The same script also reads the keys a route registered with `read_with_limit` (a search: its cache
+entries), so a search makes one Redis round trip before its database work instead of two.
 
 Concurrency quotas bound how many uploads and generations (answers, chat completions) one tenant has
 in flight. A slot is a member of a Redis sorted set scored by its lease's expiry; the holder renews it

@@ -330,9 +330,9 @@ def tsvector_binary(words: np.ndarray, vocab: Vocabulary) -> bytes:
         positions.setdefault(w, []).append(pos)
     parts = [_LEN.pack(len(positions))]
     enc = vocab.encoded
-    for w, pos in positions.items():
+    for w, at in positions.items():
         parts.append(enc[w])
-        parts.append(struct.pack(f">H{len(pos)}H", len(pos), *pos))
+        parts.append(struct.pack(f">H{len(at)}H", len(at), *at))
     body = b"".join(parts)
     return _LEN.pack(len(body)) + body
 
