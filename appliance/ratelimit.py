@@ -304,7 +304,7 @@ async def enforce(request: Request, principal: Principal, session: Any = None) -
     if limiter is None:
         return
     cls = route_class(request.method, request.url.path)
-    reads = _reads.get(cls)
+    reads = _reads.get(cls) if limiter.enabled else None
     keys = await reads(request, principal, session) if reads is not None else []
     window, values = await limiter.hit(principal, cls, keys)
     if window is not None:

@@ -255,3 +255,34 @@ async def test_counters_are_in_redis(settings: Settings, app_db: Database) -> No
         assert keys, "no rate-limit counter for the key in Redis"
     finally:
         await r.aclose()
+
+
+async def test_hit_reads_keys_in_its_round_trip_and_none_when_refused(settings: Settings) -> None:
+    from appliance.auth.principal import Principal
+    from appliance.ratelimit import RateLimited
+
+    limiter = Limiter(
+        limited(
+            settings,
+            rate_limit_search="2/minute",
+            tenant_rate_limit_search="none",
+            rate_limit_default="none",
+            tenant_rate_limit_default="none",
+        )
+    )
+    principal = Principal(uuid.uuid4(), "apl_test", "viewer", uuid.uuid4(), "t")
+    present, missing = f"appliance:test:read:{uuid.uuid4()}", f"appliance:test:read:{uuid.uuid4()}"
+    try:
+        await limiter.redis.set(present, b"\x00value", ex=60)
+        window, values = await limiter.hit(principal, "search", [present, missing])
+        assert window is not None and window.limit == 2 and window.remaining == 1
+        assert values == [b"\x00value", None]
+        window, values = await limiter.hit(principal, "search")
+        assert window is not None and window.remaining == 0 and values == []
+        with pytest.raises(RateLimited):
+            await limiter.hit(principal, "search", [present])
+        # No limit for the class: no round trip, nothing read (the route reads for itself).
+        assert await limiter.hit(principal, "default", [present]) == (None, None)
+    finally:
+        await limiter.redis.delete(present)
+        await limiter.aclose()
