@@ -27,12 +27,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import redis.asyncio as aioredis
 from fastapi import Request
 from limits import RateLimitItem, parse_many
 from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from appliance import metrics
 from appliance.auth.principal import Principal
@@ -285,7 +286,7 @@ def limiter_of(request: Request) -> Limiter | None:
     return limiter
 
 
-ReadKeys = Callable[[Request, Principal, Any], Awaitable[list[str]]]
+ReadKeys = Callable[[Request, Principal, AsyncSession | None], Awaitable[list[str]]]
 _reads: dict[RouteClass, ReadKeys] = {}
 
 
@@ -296,7 +297,7 @@ def read_with_limit(cls: RouteClass, keys: ReadKeys) -> None:
     _reads[cls] = keys
 
 
-async def enforce(request: Request, principal: Principal, session: Any = None) -> None:
+async def enforce(request: Request, principal: Principal, session: AsyncSession | None = None) -> None:
     """Called once per authenticated request: count it, and show the window on the response
     (RequestContextMiddleware adds `rate_limit_headers` from the request state). `session`: the
     request's transaction, when it authenticated in it (for `read_with_limit`'s keys)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.background import BackgroundTask
 
@@ -41,7 +40,7 @@ async def cache_reads(request: Request, principal: Principal, session: AsyncSess
         return []
     try:
         req = SearchRequest.model_validate(await request.json())  # parsed by FastAPI already: cached
-    except (ValueError, ValidationError):
+    except ValueError:  # not JSON, or not a valid request (pydantic's ValidationError is one)
         return []  # the route answers the body's errors
     return [] if req.rerank else service.cache_keys(svc, principal.tenant_id, req, models)
 
