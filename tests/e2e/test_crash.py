@@ -85,6 +85,10 @@ def wait_job(c: httpx.Client, h: dict[str, str], doc_id: str, timeout: float = 2
 def test_kill_worker_during_embedding(running: tuple[Path, str, dict[str, str]]) -> None:
     home, api, h = running
     body = long_text(120, seed=1)
+    # The workers' supervisor is looked up before the upload: `appliance status` takes a second or two
+    # here, long enough for the embedding to finish between "mid-embedding" and the kill.
+    status = json.loads(appliance(home, "status", "--json").stdout)
+    master = psutil.Process(status["components"]["workers"]["pid"])
     with httpx.Client(base_url=api, timeout=30) as c:
         doc = c.post(
             "/api/v1/documents", content=body.encode(), headers={**h, "X-Filename": "long.txt"}
@@ -97,8 +101,6 @@ def test_kill_worker_during_embedding(running: tuple[Path, str, dict[str, str]])
             time.sleep(0.2)
         else:
             raise AssertionError(f"never reached embedding: {job}")
-        status = json.loads(appliance(home, "status", "--json").stdout)
-        master = psutil.Process(status["components"]["workers"]["pid"])
         victims = master.children(recursive=True) or [master]
         for proc in victims:
             os.kill(proc.pid, signal.SIGKILL)
