@@ -1,13 +1,15 @@
 """Interleaved A/B of the vector search over HTTP, on a home that `search_latency.py --home` loaded.
 
     .venv/bin/python bench/search_ab.py --home /var/tmp/sl1m [--rounds 3] [--queries 400]
-        [--warmup 300] [--settle 8] 'before:PYTHONPATH=/var/tmp/wt_old' 'after:'
+        [--warmup 300] [--settle 3] 'before:PYTHONPATH=/var/tmp/wt_old' 'after:'
 
 Each variant is `NAME:VAR=VALUE,VAR=VALUE` (environment for `appliance up`; empty for none). A code
 change is compared by pointing PYTHONPATH at a git worktree of the other commit: the supervisor puts
 it first on every child's path (the commands run in the home, not the checkout, whose directory
-`python -m` would put first). Per round, per variant in turn: `appliance up --detach`, a pause of
-`--settle` seconds (Postgres's autoprewarm reads its buffers back), `--warmup` searches untimed, then
+`python -m` would put first). Per round, per variant in turn: `appliance up --detach`, a wait until
+Postgres's autoprewarm has read its buffers back (`search_latency.prewarm_watch`: until 2026-11-27 a
+fixed 8 s, which at 6 GB of buffers left most passes inside the read-back, where an audited search's
+commit waits behind the disk), a pause of `--settle` seconds, `--warmup` searches untimed, then
 `--queries` searches over HTTP (one keep-alive connection, the bench's raw client), then the same
 statement directly in Postgres for the same query vectors (as `search_latency.py`'s "pg direct"),
 then `appliance down`; the API workers' and Postgres's CPU time per HTTP search is read from /proc
@@ -38,7 +40,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from search_latency import RawHTTP, pct, superuser_connect  # noqa: E402
+from search_latency import RawHTTP, pct, prewarm_watch, superuser_connect  # noqa: E402
 
 from appliance.search.service import QEMB_KEY, knn_statement  # noqa: E402
 from appliance.settings import Settings, load_settings  # noqa: E402
@@ -152,7 +154,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--queries", type=int, default=400)
     ap.add_argument("--warmup", type=int, default=300)
-    ap.add_argument("--settle", type=float, default=8.0, help="seconds after `up` before measuring")
+    ap.add_argument(
+        "--settle", type=float, default=3.0, help="seconds after autoprewarm is done before measuring"
+    )
     ap.add_argument("--model", default="all-minilm-l6-v2")
     ap.add_argument("variants", nargs="+", help="NAME:VAR=VALUE,...")
     args = ap.parse_args()
@@ -175,12 +179,17 @@ def main() -> None:
         for name, extra in variants:
             env = {**base, **extra}
             # Not from the checkout: `python -m` would put the working directory first on the path.
-            up = subprocess.run(
-                [CLI, "up", "--detach", "--timeout", "300"], env=env, capture_output=True, cwd=args.home
-            )
-            if up.returncode:
-                raise SystemExit(f"appliance up failed ({name}):\n{up.stdout.decode()}{up.stderr.decode()}")
+            with prewarm_watch(args.home) as wait_for_prewarm:
+                up = subprocess.run(
+                    [CLI, "up", "--detach", "--timeout", "300"], env=env, capture_output=True, cwd=args.home
+                )
+                if up.returncode:
+                    output = up.stdout.decode() + up.stderr.decode()
+                    raise SystemExit(f"appliance up failed ({name}):\n{output}")
             try:
+                prewarm = wait_for_prewarm()
+                if prewarm is not None:
+                    print(f"  {name}: autoprewarm read back {prewarm[1]} in {prewarm[0]:.0f} s", flush=True)
                 time.sleep(args.settle)
                 if pool is None:
                     pool = sample_vectors(settings)

@@ -79,7 +79,8 @@ clients, each with its own connection, every query once):
     HTTP hybrid / fulltext       the other modes, same queries (--fulltext-queries: only the first N)
     HTTP ..., real text          short English questions never seen before: the API embeds them with
                                  MiniLM (the embedding's cost; recall does not apply)
-    pg direct (again)            the baseline once more: how much the machine drifted meanwhile
+    pg direct (again)            the baseline once more: how much the machine drifted meanwhile; the
+                                 target's verdict takes the faster p95 of the two direct passes
     pg direct, N ms idle before  (concurrency 1, --paced-ms, default 7) the baseline with the client
       each                       idle N ms (untimed) before each query, as the API's database
                                  connection idles while the API's Python works (~7 ms a search on
@@ -193,7 +194,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -448,7 +449,8 @@ def make_queries(mix: Mixture, vocab: Vocabulary, n: int, seed: int, tag: str) -
 
 
 def real_texts(n: int, seed: int, taken: set[str]) -> list[str]:
-    """`n` distinct short English questions (never seen by the query-embedding cache)."""
+    """`n` distinct short English questions, none used before in this run (`Context.forget` drops
+    their cached embeddings from earlier runs on the same home)."""
     import random
 
     rng = random.Random(seed)
@@ -559,6 +561,38 @@ def superuser_connect(settings: Settings) -> psycopg.Connection:
 # ---------------------------------------------------------------------------------------------
 # The appliance and the database.
 
+PREWARM_DONE = re.compile(r"autoprewarm successfully prewarmed (\d+) of (\d+) previously-loaded blocks")
+
+
+@contextlib.contextmanager
+def prewarm_watch(home: Path, timeout_s: float = 600.0) -> Iterator[Callable[[], tuple[float, str] | None]]:
+    """Around `appliance up`: yields `wait()`, which blocks until Postgres's autoprewarm has read its
+    shared buffers back (the line it logs when done, written after `up` began) and returns (seconds
+    waited, "N of M blocks"), or None when there was nothing to read back (no dump file).
+
+    Measure only after it: the appliance serves while autoprewarm reads (at 1M chunks here 771,000
+    blocks, 6 GB, in 16 to 70 s), and meanwhile the disk is busy, so a write transaction's commit (a
+    search's audit record) waits behind the reads: p50 2.5 ms and p95 25-30 ms instead of 0.5 / 0.7
+    (2026-11-27). A pass in that window measures the restart, not the search."""
+    log = home / "logs" / "postgres.log"
+    pending = (home / "postgres" / "data" / "autoprewarm.blocks").exists()
+    offset = log.stat().st_size if log.exists() else 0
+
+    def wait() -> tuple[float, str] | None:
+        if not pending:
+            return None
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout_s:
+            with log.open("rb") as f:
+                f.seek(offset)
+                found = PREWARM_DONE.search(f.read().decode(errors="replace"))
+            if found:
+                return time.perf_counter() - t0, f"{int(found[1]):,} of {int(found[2]):,} blocks"
+            time.sleep(0.5)
+        raise SystemExit(f"autoprewarm did not finish within {timeout_s:.0f} s (watching {log})")
+
+    yield wait
+
 
 class Appliance:
     """A throw-away appliance on free loopback ports; restarted to change the ef_search setting."""
@@ -592,13 +626,19 @@ class Appliance:
         return load_settings(home=self.home, **overrides)
 
     def up(self, ef: int) -> tuple[str, float]:
+        """Start the appliance and return once Postgres's autoprewarm has read its buffers back (see
+        `wait_for_prewarm`); the seconds returned include that wait, which is printed."""
         self.ef = ef
         env = dict(self.env, APPLIANCE_SEARCH_HNSW_EF_SEARCH=str(ef))
         t0 = time.perf_counter()
         self.running = True  # a failed start may have left servers behind: `down` them either way
-        out = cli(env, "up", "--detach", "--timeout", "300")
-        if out.returncode:
-            raise SystemExit(f"appliance up failed:\n{out.stdout}{out.stderr}")
+        with prewarm_watch(self.home) as wait:
+            out = cli(env, "up", "--detach", "--timeout", "300")
+            if out.returncode:
+                raise SystemExit(f"appliance up failed:\n{out.stdout}{out.stderr}")
+            prewarm = wait()
+        if prewarm is not None:
+            print(f"  autoprewarm: {prewarm[1]} read back {prewarm[0]:.0f} s after `up` returned")
         return out.stdout, time.perf_counter() - t0
 
     def down(self) -> None:
@@ -830,6 +870,16 @@ class Context:
             key = QEMB_KEY.format(tenant=self.tenant, model=self.model, digest=digest)
             pipe.set(key, np.asarray(vec, dtype="<f4").tobytes(), ex=QEMB_TTL_S)
         pipe.execute()
+
+    def forget(self, texts: list[str]) -> None:
+        """Drop these texts' query embeddings from the cache, so the API embeds them (a --home run
+        meets the real-text questions of earlier runs again, and Redis keeps its data)."""
+        from appliance.search.service import QEMB_KEY
+
+        digests = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+        keys = [QEMB_KEY.format(tenant=self.tenant, model=self.model, digest=d) for d in digests]
+        if keys:
+            self.redis.delete(*keys)
 
     def bump_generation(self) -> None:
         """What ingest does after a commit: every cached search result of the tenant is stale."""
@@ -1147,7 +1197,9 @@ async def measure(
     for mode in ("hybrid", "fulltext"):
         await pass_http(ctx, "warm-up", warm.texts[: args.fulltext_queries or None], mode, top)
     if args.real_queries:
-        await pass_http(ctx, "warm-up", real_texts(2 * top, args.seed + len(taken), taken), "vector", top)
+        texts = real_texts(2 * top, args.seed + len(taken), taken)
+        ctx.forget(texts)  # the warm-up is for the embedder: it must embed
+        await pass_http(ctx, "warm-up", texts, "vector", top)
     out: list[PassResult] = []
     for conc in args.concurrency:
         out.append(await pass_direct(ctx, queries, ef, conc))
@@ -1166,6 +1218,7 @@ async def measure(
         out.append(await pass_http(ctx, "HTTP fulltext", ft, "fulltext", conc))
         for mode in ("vector", "hybrid") if args.real_queries else ():
             texts = real_texts(args.real_queries, args.seed + len(taken), taken)
+            ctx.forget(texts)
             r = await pass_http(ctx, f"HTTP {mode}, real text (embeds)", texts, mode, conc)
             r.ids.clear()  # not the synthetic queries: no recall
             out.append(r)
@@ -1354,24 +1407,32 @@ def run(app: Appliance, args: argparse.Namespace, sizes: list[int]) -> None:
                     f"{load_avg:.2f} -> {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
                 )
                 print_table(results, exact)
-                direct = {r.concurrency: r for r in results if r.name == "pg direct"}
+                # The verdict's baseline is the faster of the two direct passes (before the API's
+                # passes and after them): a pass slowed by the machine raises the baseline and would
+                # shrink the difference, so the slower one can never make the target look met.
+                direct95: dict[int, float] = {}
+                for r in results:
+                    if r.name in ("pg direct", "pg direct (again)"):
+                        p95 = pct(r.latencies_ms, 95)
+                        direct95[r.concurrency] = min(direct95.get(r.concurrency, p95), p95)
                 knn = {r.concurrency: r for r in results if r.name == KNN_ONLY}
                 for r in results:
                     if r.name == "HTTP vector":
                         http95 = pct(r.latencies_ms, 95)
-                        d = http95 - pct(direct[r.concurrency].latencies_ms, 95)
+                        d = http95 - direct95[r.concurrency]
                         d_knn = http95 - pct(knn[r.concurrency].latencies_ms, 95)
                         rec = r.recall(exact) or 0.0
                         summary.append(
                             f"| {size:,} | {ef} | {r.concurrency} | {http95:.2f} | "
-                            f"{pct(direct[r.concurrency].latencies_ms, 95):.2f} | {d:+.2f} | {d_knn:+.2f} | "
+                            f"{direct95[r.concurrency]:.2f} | {d:+.2f} | {d_knn:+.2f} | "
                             f"{rec:.4f} | {'yes' if d <= 5 and rec >= 0.95 else 'no'} |"
                         )
         if summary:
             print(
                 f"\nTarget: HTTP vector p95 within 5 ms of the direct query (the statement the API sends, "
-                f"as the application role), recall@{TOP_K} >= 0.95 (m {m}, ef_construction {efc}); the "
-                "last difference is against the k-NN alone (owner), for comparison with earlier runs"
+                f"as the application role; the faster p95 of its two passes), recall@{TOP_K} >= 0.95 "
+                f"(m {m}, ef_construction {efc}); the last difference is against the k-NN alone (owner), "
+                "for comparison with earlier runs"
             )
             print(
                 "| chunks | ef_search | conc | HTTP p95 ms | direct p95 ms | difference | vs k-NN only "
