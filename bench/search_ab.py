@@ -179,13 +179,12 @@ def main() -> None:
         for name, extra in variants:
             env = {**base, **extra}
             # Not from the checkout: `python -m` would put the working directory first on the path.
-            with prewarm_watch(args.home) as wait_for_prewarm:
-                up = subprocess.run(
-                    [CLI, "up", "--detach", "--timeout", "300"], env=env, capture_output=True, cwd=args.home
-                )
-                if up.returncode:
-                    output = up.stdout.decode() + up.stderr.decode()
-                    raise SystemExit(f"appliance up failed ({name}):\n{output}")
+            wait_for_prewarm = prewarm_watch(args.home)
+            up = subprocess.run(
+                [CLI, "up", "--detach", "--timeout", "300"], env=env, capture_output=True, cwd=args.home
+            )
+            if up.returncode:
+                raise SystemExit(f"appliance up failed ({name}):\n{up.stdout.decode()}{up.stderr.decode()}")
             try:
                 prewarm = wait_for_prewarm()
                 if prewarm is not None:

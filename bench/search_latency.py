@@ -194,7 +194,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -564,14 +564,14 @@ def superuser_connect(settings: Settings) -> psycopg.Connection:
 PREWARM_DONE = re.compile(r"autoprewarm successfully prewarmed (\d+) of (\d+) previously-loaded blocks")
 
 
-@contextlib.contextmanager
-def prewarm_watch(home: Path, timeout_s: float = 600.0) -> Iterator[Callable[[], tuple[float, str] | None]]:
-    """Around `appliance up`: yields `wait()`, which blocks until Postgres's autoprewarm has read its
-    shared buffers back (the line it logs when done, written after `up` began) and returns (seconds
-    waited, "N of M blocks"), or None when there was nothing to read back (no dump file).
+def prewarm_watch(home: Path, timeout_s: float = 600.0) -> Callable[[], tuple[float, str] | None]:
+    """Call just before `appliance up`; the `wait()` it returns, called after `up`, blocks until
+    Postgres's autoprewarm has read its shared buffers back (the line it logs when done, written after
+    this call) and returns (seconds waited, "N of M blocks"), or None when there was nothing to read
+    back (no dump file).
 
     Measure only after it: the appliance serves while autoprewarm reads (at 1M chunks here 771,000
-    blocks, 6 GB, in 16 to 70 s), and meanwhile the disk is busy, so a write transaction's commit (a
+    blocks, 6 GB, in 1 to 70 s), and meanwhile the disk is busy, so a write transaction's commit (a
     search's audit record) waits behind the reads: p50 2.5 ms and p95 25-30 ms instead of 0.5 / 0.7
     (2026-11-27). A pass in that window measures the restart, not the search."""
     log = home / "logs" / "postgres.log"
@@ -591,7 +591,7 @@ def prewarm_watch(home: Path, timeout_s: float = 600.0) -> Iterator[Callable[[],
             time.sleep(0.5)
         raise SystemExit(f"autoprewarm did not finish within {timeout_s:.0f} s (watching {log})")
 
-    yield wait
+    return wait
 
 
 class Appliance:
@@ -627,16 +627,16 @@ class Appliance:
 
     def up(self, ef: int) -> tuple[str, float]:
         """Start the appliance and return once Postgres's autoprewarm has read its buffers back (see
-        `wait_for_prewarm`); the seconds returned include that wait, which is printed."""
+        `prewarm_watch`); the seconds returned include that wait, which is printed."""
         self.ef = ef
         env = dict(self.env, APPLIANCE_SEARCH_HNSW_EF_SEARCH=str(ef))
         t0 = time.perf_counter()
         self.running = True  # a failed start may have left servers behind: `down` them either way
-        with prewarm_watch(self.home) as wait:
-            out = cli(env, "up", "--detach", "--timeout", "300")
-            if out.returncode:
-                raise SystemExit(f"appliance up failed:\n{out.stdout}{out.stderr}")
-            prewarm = wait()
+        wait_for_prewarm = prewarm_watch(self.home)
+        out = cli(env, "up", "--detach", "--timeout", "300")
+        if out.returncode:
+            raise SystemExit(f"appliance up failed:\n{out.stdout}{out.stderr}")
+        prewarm = wait_for_prewarm()
         if prewarm is not None:
             print(f"  autoprewarm: {prewarm[1]} read back {prewarm[0]:.0f} s after `up` returned")
         return out.stdout, time.perf_counter() - t0
